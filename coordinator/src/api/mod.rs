@@ -1,0 +1,9 @@
+//! The gRPC edge: service implementations, authorization, conversions and the
+//! error-to-status mapping. Generated protobuf types do not leak past this module.
+
+pub mod admin;
+pub mod auth;
+pub mod convert;
+pub mod raft;
+pub mod relay;
+pub mod status;

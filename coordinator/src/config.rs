@@ -1,0 +1,185 @@
+//! Coordinator configuration: a TOML file, then command-line overrides.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::CoordError;
+use crate::node::RaftSettings;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Seconds between checks of the certificate files for rotation (SIGHUP also reloads).
+    #[serde(default = "default_reload_secs")]
+    pub reload_check_seconds: u64,
+}
+
+fn default_reload_secs() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u64,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub tick_ms: u64,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    pub snapshot_entries: u64,
+    pub catchup_entries: u64,
+    pub proposal_timeout_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let d = RaftSettings::default();
+        RaftConfig {
+            tick_ms: d.tick.as_millis() as u64,
+            election_ticks: d.election_ticks,
+            heartbeat_ticks: d.heartbeat_ticks,
+            snapshot_entries: d.snapshot_entries,
+            catchup_entries: d.catchup_entries,
+            proposal_timeout_ms: d.proposal_timeout.as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: u64,
+    /// gRPC (mTLS) listen address.
+    pub listen: SocketAddr,
+    /// Address other nodes and clients use to reach this node (default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+    /// Plain-HTTP Prometheus endpoint; keep it on loopback or a management network.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    pub data_dir: PathBuf,
+    pub cluster_key_file: PathBuf,
+    pub tls: TlsConfig,
+    /// Initial cluster members, identical on every initial node.
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    /// Join a running cluster (after `pxemeshctl cluster add-member`) instead of bootstrapping.
+    #[serde(default)]
+    pub join: bool,
+    #[serde(default)]
+    pub raft: RaftConfig,
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, CoordError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| CoordError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Config::from_toml(&text).map_err(|e| CoordError::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn from_toml(text: &str) -> Result<Config, CoordError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| CoordError::Config(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), CoordError> {
+        let bad = |m: String| Err(CoordError::Config(m));
+        if self.node_id == 0 {
+            return bad("node_id must be a positive integer".into());
+        }
+        let mut seen = BTreeMap::new();
+        for p in &self.peers {
+            if p.id == 0 {
+                return bad("peer ids must be positive".into());
+            }
+            if seen.insert(p.id, &p.address).is_some() {
+                return bad(format!("peer {} is listed twice", p.id));
+            }
+        }
+        if !self.join && !seen.contains_key(&self.node_id) {
+            return bad(format!(
+                "node {} is not in [[peers]]; list every initial member (including this one) or set join = true",
+                self.node_id
+            ));
+        }
+        let r = &self.raft;
+        if r.tick_ms == 0 || r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
+            return bad("raft: need tick_ms > 0 and election_ticks > heartbeat_ticks > 0".into());
+        }
+        if r.snapshot_entries < 2 || r.catchup_entries >= r.snapshot_entries {
+            return bad(
+                "raft: need snapshot_entries >= 2 and catchup_entries < snapshot_entries".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn raft_settings(&self) -> RaftSettings {
+        RaftSettings {
+            tick: Duration::from_millis(self.raft.tick_ms),
+            election_ticks: self.raft.election_ticks,
+            heartbeat_ticks: self.raft.heartbeat_ticks,
+            snapshot_entries: self.raft.snapshot_entries,
+            catchup_entries: self.raft.catchup_entries,
+            proposal_timeout: Duration::from_millis(self.raft.proposal_timeout_ms),
+        }
+    }
+
+    pub fn peer_map(&self) -> BTreeMap<u64, String> {
+        self.peers
+            .iter()
+            .map(|p| (p.id, p.address.clone()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+node_id = 1
+listen = "127.0.0.1:7001"
+data_dir = "/tmp/x"
+cluster_key_file = "/tmp/k"
+[tls]
+ca = "ca.pem"
+cert = "c.pem"
+key = "c-key.pem"
+[[peers]]
+id = 1
+address = "127.0.0.1:7001"
+[raft]
+snapshot_entries = 100
+catchup_entries = 10
+"#;
+
+    #[test]
+    fn parse_and_validate() {
+        let c = Config::from_toml(SAMPLE).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.raft.snapshot_entries, 100);
+        assert_eq!(c.raft.tick_ms, 100);
+        let mut c2 = c.clone();
+        c2.node_id = 2;
+        assert!(c2
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not in [[peers]]"));
+        let err = Config::from_toml(&SAMPLE.replace("node_id", "nodeid")).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+}

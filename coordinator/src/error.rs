@@ -1,0 +1,57 @@
+//! Typed errors of the coordinator library. They are mapped to `tonic::Status`
+//! in exactly one place: `api::status`.
+
+use serde::{Deserialize, Serialize};
+
+/// A command rejected by the state machine. Deterministic: every node reaches
+/// the same verdict for the same command, so it travels back to the proposer
+/// as part of the apply result.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum StateError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InUse(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no leader is known; the cluster may have lost quorum")]
+    NoLeader,
+    #[error("timed out after {0:?} waiting for the cluster (outcome unknown; retrying is safe)")]
+    Timeout(std::time::Duration),
+    #[error("the Raft node has stopped")]
+    Stopped,
+    #[error("this node was removed from the cluster")]
+    Removed,
+    #[error("storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("raft error: {0}")]
+    Raft(#[from] raft::Error),
+    #[error("protobuf codec error: {0}")]
+    Codec(#[from] protobuf::ProtobufError),
+    #[error("encoding error: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    #[error("cluster key: {0}")]
+    Crypto(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CoordError {
+    pub fn invalid(msg: impl Into<String>) -> CoordError {
+        CoordError::State(StateError::Invalid(msg.into()))
+    }
+}

@@ -1,0 +1,21 @@
+//! pxemesh coordinator library: the Raft-replicated desired state of a pxemesh
+//! installation (raft-rs + sled) and the mTLS gRPC services in front of it.
+//!
+//! Entry point: [`server::run`]. See ARCHITECTURE.md for the code map.
+
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod import;
+pub mod metrics;
+pub mod model;
+pub mod node;
+pub mod server;
+pub mod state;
+pub mod storage;
+mod transport;
+
+pub use config::Config;
+pub use server::{run, Listeners};

@@ -1,0 +1,135 @@
+//! Prometheus metrics of a coordinator, served as text on `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: String,
+    pub code: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub proposals: Counter,
+    pub proposals_failed: Counter,
+    pub applied_entries: Counter,
+    pub applied_index: Gauge,
+    pub term: Gauge,
+    pub is_leader: Gauge,
+    pub leader_changes: Counter,
+    pub raft_messages_received: Counter,
+    pub raft_messages_sent: Counter,
+    pub raft_messages_dropped: Counter,
+    pub snapshots_installed: Counter,
+    pub compactions: Counter,
+    pub rpcs: Family<RpcLabels, Counter>,
+    pub auth_denied: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pxemesh_coordinator");
+        let m = Metrics {
+            proposals: Counter::default(),
+            proposals_failed: Counter::default(),
+            applied_entries: Counter::default(),
+            applied_index: Gauge::default(),
+            term: Gauge::default(),
+            is_leader: Gauge::default(),
+            leader_changes: Counter::default(),
+            raft_messages_received: Counter::default(),
+            raft_messages_sent: Counter::default(),
+            raft_messages_dropped: Counter::default(),
+            snapshots_installed: Counter::default(),
+            compactions: Counter::default(),
+            rpcs: Family::default(),
+            auth_denied: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "proposals",
+            "Commands proposed through this node",
+            m.proposals.clone(),
+        );
+        registry.register(
+            "proposals_failed",
+            "Proposals refused at once (no leader)",
+            m.proposals_failed.clone(),
+        );
+        registry.register(
+            "applied_entries",
+            "Normal raft entries applied",
+            m.applied_entries.clone(),
+        );
+        registry.register(
+            "applied_index",
+            "Last applied raft index",
+            m.applied_index.clone(),
+        );
+        registry.register("raft_term", "Current raft term", m.term.clone());
+        registry.register(
+            "is_leader",
+            "1 when this node is the raft leader",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "leader_changes",
+            "Leader changes observed",
+            m.leader_changes.clone(),
+        );
+        registry.register(
+            "raft_messages_received",
+            "Raft messages received from peers",
+            m.raft_messages_received.clone(),
+        );
+        registry.register(
+            "raft_messages_sent",
+            "Raft messages sent to peers",
+            m.raft_messages_sent.clone(),
+        );
+        registry.register(
+            "raft_messages_dropped",
+            "Raft messages dropped on a full peer queue",
+            m.raft_messages_dropped.clone(),
+        );
+        registry.register(
+            "snapshots_installed",
+            "Snapshots received and installed",
+            m.snapshots_installed.clone(),
+        );
+        registry.register(
+            "log_compactions",
+            "Raft log compactions",
+            m.compactions.clone(),
+        );
+        registry.register(
+            "rpcs",
+            "gRPC calls by method and status code",
+            m.rpcs.clone(),
+        );
+        registry.register(
+            "auth_denied",
+            "Calls refused by authorization",
+            m.auth_denied.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,805 @@
+//! The replicated state machine: a revisioned record store on the shared sled tree.
+//!
+//! Every applied command that changes anything bumps the global revision by one;
+//! each record remembers the revision that created it and the one that last
+//! changed it. A command is validated against the current state plus the earlier
+//! parts of the same command, then written as one atomic sled batch together with
+//! the applied index, so a crash never leaves half a command or an applied index
+//! that disagrees with the data.
+//!
+//! Key layout (all under `s:`, which is exactly what a snapshot carries):
+//! - `s:rec:<kind>:<name>`        record (JSON)
+//! - `s:idx:mac:<mac>`            host name owning a MAC
+//! - `s:idx:ip:<network>:<ip>`    host name owning an IP in a network
+//! - `s:meta:revision`            global revision (u64 BE)
+//! - `s:meta:applied`             applied raft index and term
+//! - `s:peer:<id>`                coordinator peer address
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CoordError, StateError};
+use crate::model::{Host, Kind, Network, Record};
+use crate::storage::{decode_pair, encode_pair, KEY_APPLIED, KEY_CS};
+
+const KEY_REVISION: &[u8] = b"s:meta:revision";
+const PEER_PREFIX: &str = "s:peer:";
+
+fn rec_key(kind: Kind, name: &str) -> Vec<u8> {
+    format!("s:rec:{}:{}", kind.as_str(), name).into_bytes()
+}
+
+fn rec_prefix(kind: Kind) -> Vec<u8> {
+    format!("s:rec:{}:", kind.as_str()).into_bytes()
+}
+
+fn mac_key(host: &Host) -> Vec<u8> {
+    format!("s:idx:mac:{}", host.mac).into_bytes()
+}
+
+fn ip_key(network: &str, ip: std::net::Ipv4Addr) -> Vec<u8> {
+    format!("s:idx:ip:{network}:{ip}").into_bytes()
+}
+
+fn peer_key(id: u64) -> Vec<u8> {
+    format!("{PEER_PREFIX}{id:020}").into_bytes()
+}
+
+/// A command carried in a Raft entry (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Create or update these records atomically: all or none.
+    Put(Vec<Record>),
+    Delete {
+        kind: Kind,
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Created,
+    Updated,
+    Unchanged,
+    Deleted,
+    NotFound,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Created => "created",
+            Outcome::Updated => "updated",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Deleted => "deleted",
+            Outcome::NotFound => "not-found",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ItemResult {
+    pub kind: Kind,
+    pub name: String,
+    pub outcome: Outcome,
+}
+
+/// What applying a command did; travels back to the proposer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyOutcome {
+    /// Cluster revision after the command.
+    pub revision: u64,
+    pub results: Vec<ItemResult>,
+    /// Records as stored (for Put responses).
+    pub records: Vec<Record>,
+}
+
+/// Pending writes of one command over the tree (read-your-writes within the command).
+struct Txn<'a> {
+    tree: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(tree: &'a sled::Tree) -> Self {
+        Txn {
+            tree,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn del(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, CoordError> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(v) => out.insert(k.clone(), v.clone()),
+                None => out.remove(k),
+            };
+        }
+        Ok(out)
+    }
+
+    fn record(&self, kind: Kind, name: &str) -> Result<Option<Record>, CoordError> {
+        match self.get(&rec_key(kind, name))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn records(&self, kind: Kind) -> Result<Vec<Record>, CoordError> {
+        self.scan(&rec_prefix(kind))?
+            .values()
+            .map(|v| serde_json::from_slice(v).map_err(CoordError::from))
+            .collect()
+    }
+
+    fn put_record(&mut self, rec: &Record) -> Result<(), CoordError> {
+        self.put(rec_key(rec.kind(), rec.name()), serde_json::to_vec(rec)?);
+        Ok(())
+    }
+
+    fn into_batch(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
+    }
+}
+
+fn exists(txn: &Txn, kind: Kind, name: &str) -> Result<bool, CoordError> {
+    Ok(txn.get(&rec_key(kind, name))?.is_some())
+}
+
+fn require(txn: &Txn, kind: Kind, name: &str, by: &str) -> Result<(), CoordError> {
+    if exists(txn, kind, name)? {
+        Ok(())
+    } else {
+        Err(StateError::Invalid(format!("{by}: unknown {kind} {name:?}")).into())
+    }
+}
+
+fn network_of(txn: &Txn, name: &str) -> Result<Option<Network>, CoordError> {
+    Ok(match txn.record(Kind::Network, name)? {
+        Some(Record::Network(n)) => Some(n),
+        _ => None,
+    })
+}
+
+fn hosts_in_network(txn: &Txn, network: &str) -> Result<Vec<String>, CoordError> {
+    let prefix = format!("s:idx:ip:{network}:").into_bytes();
+    Ok(txn
+        .scan(&prefix)?
+        .values()
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect())
+}
+
+/// Referential and uniqueness checks that need the current state; syntax was
+/// checked at the edge.
+fn check_put(txn: &mut Txn, rec: &Record, old: Option<&Record>) -> Result<(), CoordError> {
+    match rec {
+        Record::Rack(_) | Record::Image(_) => Ok(()),
+        Record::Profile(_) => Ok(()),
+        Record::Job(j) => require(txn, Kind::Host, &j.host, &format!("job {}", j.id)),
+        Record::Relay(r) => require(txn, Kind::Rack, &r.rack, &format!("relay {}", r.name)),
+        Record::Network(n) => {
+            require(txn, Kind::Rack, &n.rack, &format!("network {}", n.name))?;
+            if let Some(Record::Network(prev)) = old {
+                let hosts = hosts_in_network(txn, &n.name)?;
+                if prev.rack != n.rack && !hosts.is_empty() {
+                    return Err(StateError::InUse(format!(
+                        "network {} has {} host(s) in rack {}; move or delete them before changing its rack",
+                        n.name,
+                        hosts.len(),
+                        prev.rack
+                    ))
+                    .into());
+                }
+                if prev.subnet != n.subnet {
+                    for h in hosts {
+                        if let Some(Record::Host(host)) = txn.record(Kind::Host, &h)? {
+                            if !n.subnet.contains(&host.ip) {
+                                return Err(StateError::InUse(format!(
+                                    "network {}: new subnet {} would leave host {} ({}) outside it",
+                                    n.name, n.subnet, host.name, host.ip
+                                ))
+                                .into());
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+        Record::Host(h) => check_host(txn, h, old),
+    }
+}
+
+fn check_host(txn: &mut Txn, h: &Host, old: Option<&Record>) -> Result<(), CoordError> {
+    let ctx = format!("host {}", h.name);
+    require(txn, Kind::Rack, &h.rack, &ctx)?;
+    let Some(net) = network_of(txn, &h.network)? else {
+        return Err(StateError::Invalid(format!("{ctx}: unknown network {:?}", h.network)).into());
+    };
+    if net.rack != h.rack {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: network {} belongs to rack {}, not {}",
+            net.name, net.rack, h.rack
+        ))
+        .into());
+    }
+    if !net.subnet.contains(&h.ip) {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {} is outside network {} ({})",
+            h.ip, net.name, net.subnet
+        ))
+        .into());
+    }
+    if net.subnet.prefix_len() < 31
+        && (h.ip == net.subnet.network() || h.ip == net.subnet.broadcast())
+    {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {} is the network or broadcast address of {}",
+            h.ip, net.subnet
+        ))
+        .into());
+    }
+    if Some(h.ip) == net.gateway {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {} is the gateway of network {}",
+            h.ip, net.name
+        ))
+        .into());
+    }
+    if let Some(p) = &h.profile {
+        require(txn, Kind::Profile, p, &ctx)?;
+    }
+    if let Some(owner) = txn.get(&mac_key(h))? {
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        if owner != h.name {
+            return Err(StateError::Conflict(format!(
+                "duplicate MAC {}: already used by host {owner}",
+                h.mac
+            ))
+            .into());
+        }
+    }
+    if let Some(owner) = txn.get(&ip_key(&h.network, h.ip))? {
+        let owner = String::from_utf8_lossy(&owner).into_owned();
+        if owner != h.name {
+            return Err(StateError::Conflict(format!(
+                "duplicate IP {} in network {}: already used by host {owner}",
+                h.ip, h.network
+            ))
+            .into());
+        }
+    }
+    if let Some(Record::Host(prev)) = old {
+        txn.del(mac_key(prev));
+        txn.del(ip_key(&prev.network, prev.ip));
+    }
+    txn.put(mac_key(h), h.name.clone().into_bytes());
+    txn.put(ip_key(&h.network, h.ip), h.name.clone().into_bytes());
+    Ok(())
+}
+
+fn check_delete(txn: &mut Txn, old: &Record) -> Result<(), CoordError> {
+    match old {
+        Record::Rack(r) => {
+            for kind in [Kind::Network, Kind::Host, Kind::Relay] {
+                if let Some(user) = txn
+                    .records(kind)?
+                    .into_iter()
+                    .find(|x| x.rack() == Some(&r.name))
+                {
+                    return Err(StateError::InUse(format!(
+                        "rack {} is in use by {kind} {}",
+                        r.name,
+                        user.name()
+                    ))
+                    .into());
+                }
+            }
+        }
+        Record::Network(n) => {
+            if let Some(h) = hosts_in_network(txn, &n.name)?.first() {
+                return Err(
+                    StateError::InUse(format!("network {} is in use by host {h}", n.name)).into(),
+                );
+            }
+        }
+        Record::Profile(p) => {
+            let user = txn.records(Kind::Host)?.into_iter().find(|x| match x {
+                Record::Host(h) => h.profile.as_deref() == Some(p.name.as_str()),
+                _ => false,
+            });
+            if let Some(h) = user {
+                return Err(StateError::InUse(format!(
+                    "profile {} is in use by host {}",
+                    p.name,
+                    h.name()
+                ))
+                .into());
+            }
+        }
+        Record::Host(h) => {
+            txn.del(mac_key(h));
+            txn.del(ip_key(&h.network, h.ip));
+        }
+        Record::Image(_) | Record::Job(_) | Record::Relay(_) => {}
+    }
+    Ok(())
+}
+
+/// Reads of the state machine, usable from any task (sled is concurrent). The
+/// Raft actor is the only writer.
+#[derive(Clone)]
+pub struct State {
+    tree: sled::Tree,
+}
+
+impl State {
+    pub fn new(tree: sled::Tree) -> State {
+        State { tree }
+    }
+
+    pub fn revision(&self) -> Result<u64, CoordError> {
+        Ok(match self.tree.get(KEY_REVISION)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| CoordError::Corrupt("revision".into()))?,
+            ),
+            None => 0,
+        })
+    }
+
+    pub fn get(&self, kind: Kind, name: &str) -> Result<Option<Record>, CoordError> {
+        Txn::new(&self.tree).record(kind, name)
+    }
+
+    pub fn list(&self, kind: Kind) -> Result<Vec<Record>, CoordError> {
+        Txn::new(&self.tree).records(kind)
+    }
+
+    pub fn peers(&self) -> Result<BTreeMap<u64, String>, CoordError> {
+        let mut out = BTreeMap::new();
+        for kv in self.tree.scan_prefix(PEER_PREFIX.as_bytes()) {
+            let (k, v) = kv?;
+            let id = std::str::from_utf8(&k[PEER_PREFIX.len()..])
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| CoordError::Corrupt("peer key".into()))?;
+            out.insert(id, String::from_utf8_lossy(&v).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// Seed peer addresses at first boot (same on every initial member).
+    pub fn seed_peers(&self, peers: &BTreeMap<u64, String>) -> Result<(), CoordError> {
+        let mut batch = sled::Batch::default();
+        for (id, addr) in peers {
+            batch.insert(peer_key(*id), addr.as_bytes());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn finish(&self, mut txn: Txn, index: u64, term: u64) -> Result<(), CoordError> {
+        txn.put(KEY_APPLIED.to_vec(), encode_pair(index, term).to_vec());
+        self.tree.apply_batch(txn.into_batch())?;
+        Ok(())
+    }
+
+    /// Record that an entry without state changes (leader no-op, rejected
+    /// command) was applied.
+    pub fn mark_applied(&self, index: u64, term: u64) -> Result<(), CoordError> {
+        self.finish(Txn::new(&self.tree), index, term)
+    }
+
+    /// A membership change: conf state, peer address map and applied index, atomically.
+    pub fn apply_membership(
+        &self,
+        index: u64,
+        term: u64,
+        add: Option<(u64, String)>,
+        remove: Option<u64>,
+        conf_state: &raft::eraftpb::ConfState,
+    ) -> Result<(), CoordError> {
+        use protobuf::Message as _;
+        let mut txn = Txn::new(&self.tree);
+        txn.put(KEY_CS.to_vec(), conf_state.write_to_bytes()?);
+        if let Some((id, addr)) = add {
+            txn.put(peer_key(id), addr.into_bytes());
+        }
+        if let Some(id) = remove {
+            txn.del(peer_key(id));
+        }
+        self.finish(txn, index, term)
+    }
+
+    pub fn applied(&self) -> Result<(u64, u64), CoordError> {
+        match self.tree.get(KEY_APPLIED)? {
+            Some(v) => decode_pair(&v).ok_or_else(|| CoordError::Corrupt("applied".into())),
+            None => Ok((0, 0)),
+        }
+    }
+
+    /// Evaluate a command against the current state. With `commit`, the result
+    /// is written together with the applied index; without it (dry run) nothing
+    /// is written.
+    pub fn execute(
+        &self,
+        cmd: &Command,
+        commit: Option<(u64, u64)>,
+    ) -> Result<Result<ApplyOutcome, StateError>, CoordError> {
+        let mut txn = Txn::new(&self.tree);
+        let current = self.revision()?;
+        let next = current + 1;
+        let mut results = Vec::new();
+        let mut stored = Vec::new();
+        let verdict: Result<(), CoordError> = (|| {
+            match cmd {
+                Command::Put(records) => {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for rec in records {
+                        if !seen.insert((rec.kind(), rec.name().to_string())) {
+                            return Err(StateError::Invalid(format!(
+                                "{} {:?} appears twice in one request",
+                                rec.kind(),
+                                rec.name()
+                            ))
+                            .into());
+                        }
+                        let old = txn.record(rec.kind(), rec.name())?;
+                        if let Some(o) = &old {
+                            if o.same_content(rec) {
+                                results.push(ItemResult {
+                                    kind: rec.kind(),
+                                    name: rec.name().to_string(),
+                                    outcome: Outcome::Unchanged,
+                                });
+                                stored.push(o.clone());
+                                continue;
+                            }
+                        }
+                        check_put(&mut txn, rec, old.as_ref())?;
+                        let mut rec = rec.clone();
+                        let meta = rec.meta_mut();
+                        meta.revision = next;
+                        meta.create_revision = old
+                            .as_ref()
+                            .map(|o| o.meta().create_revision)
+                            .unwrap_or(next);
+                        txn.put_record(&rec)?;
+                        results.push(ItemResult {
+                            kind: rec.kind(),
+                            name: rec.name().to_string(),
+                            outcome: if old.is_some() {
+                                Outcome::Updated
+                            } else {
+                                Outcome::Created
+                            },
+                        });
+                        stored.push(rec);
+                    }
+                }
+                Command::Delete { kind, name } => match txn.record(*kind, name)? {
+                    Some(old) => {
+                        check_delete(&mut txn, &old)?;
+                        txn.del(rec_key(*kind, name));
+                        results.push(ItemResult {
+                            kind: *kind,
+                            name: name.clone(),
+                            outcome: Outcome::Deleted,
+                        });
+                    }
+                    None => results.push(ItemResult {
+                        kind: *kind,
+                        name: name.clone(),
+                        outcome: Outcome::NotFound,
+                    }),
+                },
+            }
+            Ok(())
+        })();
+        let changed = results.iter().any(|r| {
+            matches!(
+                r.outcome,
+                Outcome::Created | Outcome::Updated | Outcome::Deleted
+            )
+        });
+        let outcome = match verdict {
+            Ok(()) => Ok(ApplyOutcome {
+                revision: if changed { next } else { current },
+                results,
+                records: stored,
+            }),
+            Err(CoordError::State(e)) => Err(e),
+            Err(other) => return Err(other),
+        };
+        if let Some((index, term)) = commit {
+            match &outcome {
+                Ok(_) if changed => {
+                    txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
+                    self.finish(txn, index, term)?;
+                }
+                _ => self.mark_applied(index, term)?,
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::*;
+
+    fn state() -> (tempfile::TempDir, State) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let tree = db.open_tree("pxemesh").unwrap();
+        (dir, State::new(tree))
+    }
+
+    fn rack(name: &str) -> Record {
+        Record::Rack(Rack {
+            name: name.into(),
+            ..Default::default()
+        })
+    }
+
+    fn net(name: &str, rack: &str, subnet: &str) -> Record {
+        Record::Network(Network {
+            name: name.into(),
+            rack: rack.into(),
+            subnet: subnet.parse().unwrap(),
+            gateway: None,
+            dns: vec![],
+            domain: String::new(),
+            mtu: DEFAULT_MTU,
+            vlan: None,
+            pool: None,
+            lease_seconds: DEFAULT_LEASE_SECONDS,
+            interface: String::new(),
+            meta: Meta::default(),
+        })
+    }
+
+    fn host(name: &str, mac: &str, ip: &str) -> Record {
+        Record::Host(Host {
+            name: name.into(),
+            mac: mac.parse().unwrap(),
+            ip: ip.parse().unwrap(),
+            hostname: String::new(),
+            rack: "r1".into(),
+            network: "n1".into(),
+            profile: None,
+            labels: Default::default(),
+            bmc: None,
+            meta: Meta::default(),
+        })
+    }
+
+    fn apply(s: &State, idx: &mut u64, cmd: Command) -> Result<ApplyOutcome, StateError> {
+        *idx += 1;
+        s.execute(&cmd, Some((*idx, 1))).unwrap()
+    }
+
+    #[test]
+    fn revisions_and_idempotence() {
+        let (_d, s) = state();
+        let mut i = 0;
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        assert_eq!(out.revision, 1);
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        assert_eq!(out.revision, 2);
+        assert_eq!(out.results[0].outcome, Outcome::Created);
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        assert_eq!(
+            out.revision, 2,
+            "unchanged write must not bump the revision"
+        );
+        assert_eq!(out.results[0].outcome, Outcome::Unchanged);
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.11")]),
+        )
+        .unwrap();
+        assert_eq!(out.results[0].outcome, Outcome::Updated);
+        let rec = s.get(Kind::Host, "h1").unwrap().unwrap();
+        assert_eq!(
+            rec.meta(),
+            Meta {
+                create_revision: 2,
+                revision: 3
+            }
+        );
+        assert_eq!(s.applied().unwrap(), (4, 1));
+    }
+
+    #[test]
+    fn validation_changes_nothing() {
+        let (_d, s) = state();
+        let mut i = 0;
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        let rev = s.revision().unwrap();
+        let cases = vec![
+            (
+                host("h2", "52:54:00:00:00:01", "10.0.0.11"),
+                "duplicate MAC",
+            ),
+            (host("h2", "52:54:00:00:00:02", "10.0.0.10"), "duplicate IP"),
+            (
+                host("h2", "52:54:00:00:00:02", "10.0.1.10"),
+                "outside network",
+            ),
+            (host("h2", "52:54:00:00:00:02", "10.0.0.255"), "broadcast"),
+        ];
+        for (rec, want) in cases {
+            let err = apply(&s, &mut i, Command::Put(vec![rec])).unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{err} should mention {want}"
+            );
+        }
+        // An atomic batch with one bad member writes nothing.
+        let err = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![
+                host("h3", "52:54:00:00:00:03", "10.0.0.13"),
+                host("h4", "52:54:00:00:00:03", "10.0.0.14"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("duplicate MAC"));
+        assert!(s.get(Kind::Host, "h3").unwrap().is_none());
+        let mut h = host("h5", "52:54:00:00:00:05", "10.0.0.15");
+        if let Record::Host(h) = &mut h {
+            h.network = "nope".into();
+        }
+        assert!(apply(&s, &mut i, Command::Put(vec![h]))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown network"));
+        assert_eq!(s.revision().unwrap(), rev);
+        assert_eq!(
+            s.applied().unwrap().0,
+            i,
+            "rejected commands still advance the applied index"
+        );
+    }
+
+    #[test]
+    fn delete_checks_references_and_frees_indexes() {
+        let (_d, s) = state();
+        let mut i = 0;
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        let err = apply(
+            &s,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Network,
+                name: "n1".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, StateError::InUse(_)));
+        let err = apply(
+            &s,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Rack,
+                name: "r1".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, StateError::InUse(_)));
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Host,
+                name: "h1".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(out.results[0].outcome, Outcome::Deleted);
+        // MAC and IP are free again.
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h2", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Host,
+                name: "ghost".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(out.results[0].outcome, Outcome::NotFound);
+    }
+
+    #[test]
+    fn dry_run_writes_nothing() {
+        let (_d, s) = state();
+        let out = s
+            .execute(&Command::Put(vec![rack("r1")]), None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.results[0].outcome, Outcome::Created);
+        assert!(s.get(Kind::Rack, "r1").unwrap().is_none());
+        assert_eq!(s.revision().unwrap(), 0);
+    }
+}
