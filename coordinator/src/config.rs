@@ -167,6 +167,13 @@ catchup_entries = 10
 "#;
 
     #[test]
+    fn shipped_example_config_is_valid() {
+        let c = Config::from_toml(include_str!("../../deploy/coordinator.example.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.peers.len(), 3);
+    }
+
+    #[test]
     fn parse_and_validate() {
         let c = Config::from_toml(SAMPLE).unwrap();
         c.validate().unwrap();

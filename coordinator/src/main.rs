@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
         )
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     if let Some(Command::GenClusterKey { path }) = &cli.command {
         ClusterKey::generate(path)?;
