@@ -26,6 +26,10 @@ pub enum CoordError {
     NoLeader,
     #[error("timed out after {0:?} waiting for the cluster (outcome unknown; retrying is safe)")]
     Timeout(std::time::Duration),
+    #[error(
+        "leadership changed while the request was in flight (outcome unknown; retrying is safe)"
+    )]
+    LeaderChanged,
     #[error("the Raft node has stopped")]
     Stopped,
     #[error("this node was removed from the cluster")]

@@ -230,6 +230,7 @@ pub(crate) struct Node {
     messages_received: Arc<AtomicU64>,
     removed: bool,
     last_leader: u64,
+    last_term: u64,
 }
 
 struct SlogToTracing;
@@ -344,6 +345,7 @@ pub(crate) fn start(
         messages_received: Arc::new(AtomicU64::new(0)),
         removed,
         last_leader: 0,
+        last_term: 0,
     };
     for (id, addr) in node.state.peers()? {
         if id != opts.id {
@@ -707,6 +709,21 @@ impl Node {
         self.metrics
             .is_leader
             .set(i64::from(raft.state == StateRole::Leader));
+        if raft.term != self.last_term {
+            // Entries proposed in an older term may be overwritten by the new
+            // leader and would then never apply: answer their callers now,
+            // truthfully, instead of letting them run into the timeout.
+            if self.last_term != 0 {
+                let stale: Vec<u64> = self.waiters.keys().copied().collect();
+                for seq in stale {
+                    if let Some((w, _)) = self.waiters.remove(&seq) {
+                        fail(w, || CoordError::LeaderChanged);
+                    }
+                }
+            }
+            self.last_term = raft.term;
+        }
+        let raft = &self.raw.raft;
         if raft.leader_id != self.last_leader {
             if raft.leader_id != 0 {
                 info!(

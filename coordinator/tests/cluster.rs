@@ -60,6 +60,24 @@ async fn writes_through_any_node_and_status_names_the_leader() {
     let table = cluster.ctl(&["cluster", "status"]);
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(table.status.success() && text.contains("leader"), "{text}");
+
+    // Leadership moves on request (e.g. before maintenance of the leader's host).
+    let target = (1..=3u64).find(|id| *id != leader).unwrap();
+    let out = cluster.ctl(&["cluster", "transfer-leader", "--id", &target.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        cluster
+            .wait_leader(&[1, 2, 3], Duration::from_secs(10))
+            .await,
+        target
+    );
+    put(&mut cluster.client(leader), host(9))
+        .await
+        .expect("write after transfer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -518,3 +518,51 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The DER of the certificate a server presents on a fresh TLS connection.
+async fn presented_cert(addr: &str, tls: &Tls) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls.client_config());
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let (_, conn) = stream.get_ref();
+    conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn server_certificate_rotates_without_restart() {
+    let cluster = Cluster::new(1);
+    cluster.wait_leader(&[1], Duration::from_secs(10)).await;
+    let addr = cluster.addr(1);
+    let before = presented_cert(&addr, &cluster.admin).await;
+    let pid = cluster.pid(1);
+
+    // Rotate: a new certificate and key for the same identity, written in place.
+    let paths = cluster
+        .pki
+        .issue(Role::Coordinator { id: 1 }, "coordinator-1");
+    let new_der = CertificateDer::pem_file_iter(&paths.cert)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    assert_ne!(before, new_der);
+    wait_log(&cluster, "reloaded TLS certificates", "coordinator/1").await;
+    let mut after = presented_cert(&addr, &cluster.admin).await;
+    for _ in 0..20 {
+        if after == new_der {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = presented_cert(&addr, &cluster.admin).await;
+    }
+    assert_eq!(
+        after, new_der,
+        "new connections must see the rotated certificate"
+    );
+    assert_eq!(cluster.pid(1), pid, "no restart");
+    put(&mut cluster.client(1), rack("after-rotation"))
+        .await
+        .expect("service continues");
+}
