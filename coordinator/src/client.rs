@@ -28,10 +28,6 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// Time to wait for a keepalive ping's answer before the connection is dropped.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Response metadata key a coordinator may set on an `Unavailable` status to name
-/// the leader's gRPC endpoint (`host:port`); clients try that endpoint next.
-pub const LEADER_HINT_METADATA: &str = "pxemesh-leader";
-
 /// Errors building or connecting a channel.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -199,17 +195,6 @@ pub async fn first_reachable(
         }
     }
     Err(ClientError::NoneReachable(failures))
-}
-
-/// The leader endpoint a coordinator named in an `Unavailable` status, if any.
-pub fn leader_hint(status: &tonic::Status) -> Option<String> {
-    status
-        .metadata()
-        .get(LEADER_HINT_METADATA)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
 }
 
 /// `err` and its sources, joined with ": " (tonic's transport errors hide the

@@ -799,9 +799,6 @@ impl Ctl {
             match tokio::time::timeout(self.timeout, f(client, self.request(msg.clone()))).await {
                 Ok(Ok(resp)) => return Ok(resp.into_inner()),
                 Ok(Err(status)) if status.code() == Code::Unavailable => {
-                    if let Some(leader) = client::leader_hint(&status) {
-                        queue.push_front(leader);
-                    }
                     failures.push(format!("{endpoint}: {}", status.message()));
                 }
                 Ok(Err(status)) => return Err(status.into()),
