@@ -1,1 +1,171 @@
-fn main() {}
+//! `pxemesh-loadtest`: command-line front of the `pxemesh_loadtest` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use pxemesh_loadtest::{ConnectMode, Target, TlsFiles, WritesConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "pxemesh-loadtest",
+    version,
+    about = "Load generators and benchmarks for pxemesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write-path benchmark: each request writes one new host record.
+    Writes(WritesArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args)]
+struct WritesArgs {
+    /// What to write to: a pxemesh coordinator cluster, or etcd v3 for comparison.
+    #[arg(long, value_enum)]
+    target: Target,
+    /// gRPC endpoints (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Directory holding ca.pem and the client certificate and key.
+    #[arg(long, default_value = ".")]
+    tls_dir: PathBuf,
+    /// Client certificate stem: loads <tls-dir>/<stem>.pem and <stem>-key.pem.
+    #[arg(long, default_value = "admin")]
+    cert_stem: String,
+    /// etcd client certificate (default: <tls-dir>/<cert-stem>.pem).
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// etcd client key (default: <tls-dir>/<cert-stem>-key.pem).
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// CA bundle that signed etcd's server certificates (default: <tls-dir>/ca.pem).
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Concurrent clients, each on its own connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    clients: u64,
+    /// Measured requests (shared by all clients).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Unmeasured requests sent first.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Host name prefix: hosts are named <prefix>-<index>.
+    #[arg(long, default_value = "bench")]
+    prefix: String,
+    /// First host index (default: the target's current revision, so repeated
+    /// runs against one cluster write new hosts).
+    #[arg(long)]
+    first_index: Option<u64>,
+    /// Connect every client to the leader, or spread clients over the endpoints.
+    #[arg(long, value_enum, default_value_t = ConnectMode::Leader)]
+    connect: ConnectMode,
+    /// Hard stop for the whole run, in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    max_seconds: u64,
+    /// Deadline of one request, in seconds.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    request_timeout: u64,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+impl WritesArgs {
+    fn config(&self) -> WritesConfig {
+        let ours = TlsFiles::in_dir(&self.tls_dir, &self.cert_stem);
+        let tls = match self.target {
+            Target::Pxemesh => ours,
+            Target::Etcd => TlsFiles {
+                ca: self.etcd_ca.clone().unwrap_or(ours.ca),
+                cert: self.etcd_cert.clone().unwrap_or(ours.cert),
+                key: self.etcd_key.clone().unwrap_or(ours.key),
+            },
+        };
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let mut cfg = WritesConfig::new(self.target, endpoints, tls);
+        cfg.clients = self.clients as usize;
+        cfg.requests = self.requests;
+        cfg.warmup = self.warmup;
+        cfg.prefix = self.prefix.clone();
+        cfg.first_index = self.first_index;
+        cfg.connect = self.connect;
+        cfg.max_duration = Duration::from_secs(self.max_seconds);
+        cfg.request_timeout = Duration::from_secs(self.request_timeout);
+        cfg
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Writes(args) => {
+            let report = pxemesh_loadtest::writes(&args.config()).await?;
+            match args.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", report.to_text()),
+            }
+            if report.ok == 0 {
+                bail!("no request succeeded");
+            }
+            if report.failed() {
+                bail!(
+                    "{} of {} requests failed ({:.2}%; more than 1% fails the run)",
+                    report.errors,
+                    report.attempted,
+                    report.error_rate * 100.0
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

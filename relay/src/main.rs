@@ -1,9 +1,91 @@
-//! `pxemesh-relay`: the rack relay (DHCP, TFTP, HTTP boot, image cache, IPMI
-//! executor). Its services are built by the relay work that follows the
-//! coordinator foundation; until then the binary refuses to start rather than
-//! pretend to serve a rack.
+//! `pxemesh-relay`: parse config, bind sockets, run the library.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("pxemesh-relay: this build has no relay services yet; nothing is served");
-    std::process::ExitCode::from(2)
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use pxemesh_relay::config::RelayConfig;
+use pxemesh_relay::server::{run, RelayListeners};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "pxemesh-relay",
+    version,
+    about = "pxemesh rack relay: DHCP, TFTP and HTTP boot for one rack"
+)]
+struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "PXEMESH_RELAY_CONFIG")]
+    config: PathBuf,
+    /// Override static_state (the rack file served in static mode).
+    #[arg(long)]
+    static_state: Option<PathBuf>,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let mut config = RelayConfig::from_file(&cli.config)?;
+    if let Some(p) = cli.static_state {
+        config.static_state = Some(p);
+    }
+    config.validate()?;
+
+    let mut listeners = RelayListeners::default();
+    if config.dhcp.enabled {
+        for iface in &config.interfaces {
+            let s = pxemesh_relay::dhcp::bind(iface, config.dhcp.port).with_context(|| {
+                format!("binding DHCP on {} port {}", iface.name, config.dhcp.port)
+            })?;
+            listeners.dhcp.push((iface.clone(), s));
+        }
+    }
+    if config.tftp.enabled {
+        listeners.tftp = Some(
+            std::net::UdpSocket::bind(config.tftp.listen)
+                .with_context(|| format!("binding TFTP {}", config.tftp.listen))?,
+        );
+    }
+    if config.http.enabled {
+        listeners.http = Some(
+            std::net::TcpListener::bind(config.http.listen)
+                .with_context(|| format!("binding HTTP {}", config.http.listen))?,
+        );
+    }
+    if let Some(m) = config.metrics_listen {
+        listeners.metrics =
+            Some(std::net::TcpListener::bind(m).with_context(|| format!("binding metrics {m}"))?);
+    }
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut term) = signal(SignalKind::terminate()) else {
+                return;
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("signal received; shutting down");
+            sd.cancel();
+        });
+        run(config, listeners, shutdown).await?;
+        Ok(())
+    })
 }

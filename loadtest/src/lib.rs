@@ -1,0 +1,11 @@
+//! pxemesh-loadtest: load generators and benchmarks for pxemesh.
+//!
+//! * [`writes`]: the control-plane write path (host puts) against a pxemesh
+//!   coordinator cluster or, for comparison, an etcd v3 cluster, over mTLS.
+
+pub mod etcd;
+pub mod tls;
+pub mod writes;
+
+pub use tls::TlsFiles;
+pub use writes::{writes, ConnectMode, Target, WritesConfig, WritesReport};

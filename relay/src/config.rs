@@ -1,0 +1,231 @@
+//! Relay configuration: a TOML file, then command-line overrides.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use pxemesh_coordinator::model::Network;
+use serde::Deserialize;
+
+use crate::error::RelayError;
+
+/// A provisioning interface of the relay and its address on it. DHCP listens
+/// per interface (broadcasts are told apart by arrival interface) and the
+/// address is what clients on that network use for TFTP and HTTP.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Interface {
+    pub name: String,
+    pub address: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DhcpConfig {
+    pub enabled: bool,
+    /// Server port (67; tests may use a high port).
+    pub port: u16,
+    /// Port of clients (68).
+    pub client_port: u16,
+    /// Port of relay agents that replies to relayed requests go to (67).
+    pub relay_agent_port: u16,
+    /// How long a pool address offered but not yet requested stays reserved.
+    pub offer_hold_seconds: u32,
+}
+
+impl Default for DhcpConfig {
+    fn default() -> Self {
+        DhcpConfig {
+            enabled: true,
+            port: 67,
+            client_port: 68,
+            relay_agent_port: 67,
+            offer_hold_seconds: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TftpConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Retransmission timeout when the client negotiates none.
+    pub timeout_ms: u64,
+    /// Retransmissions of one window before a transfer is abandoned.
+    pub retries: u32,
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    /// Concurrent transfers in total; more RRQs get an ERROR, not a queue.
+    pub max_transfers: usize,
+}
+
+impl Default for TftpConfig {
+    fn default() -> Self {
+        TftpConfig {
+            enabled: true,
+            listen: "0.0.0.0:69".parse().expect("static address"),
+            timeout_ms: 1000,
+            retries: 5,
+            max_blksize: 1468,
+            max_windowsize: 64,
+            max_transfers: 2048,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Port clients use in URLs (defaults to the listen port; differs behind a NAT or proxy).
+    pub advertise_port: Option<u16>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: "0.0.0.0:80".parse().expect("static address"),
+            advertise_port: None,
+        }
+    }
+}
+
+/// Boot loaders handed out by architecture; files live in `dir`, which is
+/// also the TFTP root and what HTTP serves under `/files/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BootConfig {
+    pub dir: PathBuf,
+    pub bios: String,
+    pub uefi_x64: String,
+    pub uefi_arm64: String,
+    /// Chainload our boot loader even into clients whose NIC ROM already runs
+    /// iPXE (e.g. QEMU's ROMs, or to get a known iPXE build everywhere). The
+    /// loader's own DHCP request then gets the per-host script.
+    pub chainload_ipxe: bool,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            dir: PathBuf::from("/var/lib/pxemesh/relay/boot"),
+            bios: "undionly.kpxe".into(),
+            uefi_x64: "ipxe.efi".into(),
+            uefi_arm64: "ipxe-arm64.efi".into(),
+            chainload_ipxe: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// This relay's name (with the sync work it must match its certificate).
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// Static mode: serve the rack described in this TOML/JSON file.
+    #[serde(default)]
+    pub static_state: Option<PathBuf>,
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub interfaces: Vec<Interface>,
+    /// Address put in URLs for networks the relay reaches only through DHCP
+    /// relay agents (no interface of its own in them).
+    #[serde(default)]
+    pub advertise_address: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub dhcp: DhcpConfig,
+    #[serde(default)]
+    pub tftp: TftpConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub boot: BootConfig,
+}
+
+impl RelayConfig {
+    pub fn from_toml(text: &str) -> Result<RelayConfig, RelayError> {
+        toml::from_str(text).map_err(|e| RelayError::Config(e.to_string()))
+    }
+
+    pub fn from_file(path: &std::path::Path) -> Result<RelayConfig, RelayError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RelayError::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| RelayError::Config(format!("{}: {e}", path.display())))
+    }
+
+    pub fn validate(&self) -> Result<(), RelayError> {
+        let bad = |m: String| Err(RelayError::Config(m));
+        if self.static_state.is_none() {
+            return bad("static_state must name the rack file (coordinator sync is not available in this version)".into());
+        }
+        if self.dhcp.enabled && self.interfaces.is_empty() {
+            return bad("DHCP needs at least one [[interfaces]] entry".into());
+        }
+        let t = &self.tftp;
+        if !(512..=65464).contains(&t.max_blksize)
+            || t.max_windowsize == 0
+            || t.retries == 0
+            || t.timeout_ms == 0
+        {
+            return bad("tftp: need max_blksize 512-65464, max_windowsize >= 1, retries >= 1, timeout_ms >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// The relay's address as seen from `network`: its interface inside the
+    /// subnet, else the advertised address for relayed networks.
+    pub fn address_for(&self, network: &Network) -> Option<Ipv4Addr> {
+        self.interfaces
+            .iter()
+            .find(|i| network.subnet.contains(&i.address))
+            .map(|i| i.address)
+            .or(self.advertise_address)
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.http.advertise_port.unwrap_or(self.http.listen.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_examples_are_valid() {
+        let c = RelayConfig::from_toml(include_str!("../../deploy/relay.example.toml")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.interfaces.len(), 2);
+        let rack = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rack.example.toml");
+        let s = crate::state::RackState::from_static_file(std::path::Path::new(rack)).unwrap();
+        let net = s.network("r12-prov").unwrap();
+        assert_eq!(c.address_for(net), Some("10.20.0.2".parse().unwrap()));
+        assert_eq!(s.hosts().len(), 1);
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let base = "name = \"r\"\ndata_dir = \"/tmp/x\"\nstatic_state = \"/tmp/r.toml\"\n";
+        let no_iface = RelayConfig::from_toml(base).unwrap();
+        assert!(no_iface
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("[[interfaces]]"));
+        let err = RelayConfig::from_toml(&format!("{base}bogus = 1\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+        let c = RelayConfig::from_toml(&format!(
+            "{base}[[interfaces]]\nname=\"lo\"\naddress=\"127.0.0.1\"\n[tftp]\nmax_blksize = 100\n"
+        ))
+        .unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("max_blksize"));
+    }
+}

@@ -1,0 +1,492 @@
+//! Dynamic pool leases, persisted in sled (tree `dhcp-leases`, one record per
+//! address, key = the address's four bytes).
+//!
+//! Rules:
+//! * an address has at most one owner (a MAC) at a time; an offer holds it
+//!   for `offer_hold_seconds`, a bound lease for the lease time;
+//! * a declined address is quarantined for [`DECLINE_QUARANTINE_SECS`],
+//!   whoever asks;
+//! * an expired (or released) record is free for anyone, but its last owner
+//!   keeps first claim: the same MAC gets its previous address back, and
+//!   never-used addresses are handed out before expired ones of other MACs;
+//! * the caller passes the addresses that must never come from the pool
+//!   (reservations, gateway, the relay's own addresses).
+//!
+//! Records are mirrored in memory behind one mutex (no await while held); the
+//! table never grows beyond the pool sizes because it is keyed by address.
+//! A bound lease is written to sled before the ACK leaves, and the caller
+//! flushes before sending it ([`Leases::flush_async`]), so a crash can never
+//! hand the same address to two clients.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+use pxemesh_coordinator::model::{Mac, Network};
+use serde::{Deserialize, Serialize};
+
+use crate::error::RelayError;
+
+/// How long a declined address stays out of the pool (dnsmasq uses the same).
+pub const DECLINE_QUARANTINE_SECS: u64 = 600;
+/// Bound on the addresses scanned for one allocation.
+pub const MAX_POOL_SCAN: u32 = 65_536;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseState {
+    Offered,
+    Bound,
+    Released,
+    Declined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub mac: Mac,
+    pub network: String,
+    pub state: LeaseState,
+    /// Unix seconds.
+    pub expires: u64,
+}
+
+/// What `ip` is to `mac` at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Avail {
+    Never,
+    Mine,
+    Expired,
+    Taken,
+}
+
+fn availability(rec: Option<&Lease>, mac: &Mac, now: u64) -> Avail {
+    match rec {
+        None => Avail::Never,
+        Some(r) if r.state == LeaseState::Declined && r.expires > now => Avail::Taken,
+        Some(r) if r.state == LeaseState::Declined => Avail::Expired,
+        Some(r) if &r.mac == mac => Avail::Mine,
+        Some(r) if r.expires <= now || r.state == LeaseState::Released => Avail::Expired,
+        Some(_) => Avail::Taken,
+    }
+}
+
+/// The usable range of a network's pool: inside the subnet, without the
+/// network and broadcast addresses, capped at [`MAX_POOL_SCAN`] addresses.
+pub fn pool_range(net: &Network) -> Option<(u32, u32)> {
+    let (start, end) = net.pool?;
+    let (mut s, mut e) = (u32::from(start), u32::from(end));
+    if s > e {
+        return None;
+    }
+    let (lo, hi) = (
+        u32::from(net.subnet.network()),
+        u32::from(net.subnet.broadcast()),
+    );
+    let (lo, hi) = if net.subnet.prefix_len() < 31 {
+        (lo + 1, hi - 1)
+    } else {
+        (lo, hi)
+    };
+    s = s.max(lo);
+    e = e.min(hi);
+    if s > e {
+        return None;
+    }
+    e = e.min(s.saturating_add(MAX_POOL_SCAN - 1));
+    Some((s, e))
+}
+
+pub fn in_pool(net: &Network, ip: Ipv4Addr) -> bool {
+    pool_range(net).is_some_and(|(s, e)| (s..=e).contains(&u32::from(ip)))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Bound; `new` when this MAC did not already hold a bound lease on it.
+    Bound { new: bool },
+    /// The address is not this MAC's to take.
+    Refused,
+}
+
+pub struct Leases {
+    tree: sled::Tree,
+    table: Mutex<BTreeMap<Ipv4Addr, Lease>>,
+}
+
+impl Leases {
+    pub fn open(db: &sled::Db) -> Result<Leases, RelayError> {
+        let tree = db.open_tree("dhcp-leases")?;
+        let mut table = BTreeMap::new();
+        for item in tree.iter() {
+            let (k, v) = item?;
+            let Ok(octets) = <[u8; 4]>::try_from(k.as_ref()) else {
+                tracing::warn!(key = ?k, "dhcp-leases: skipping record with a malformed key");
+                continue;
+            };
+            match serde_json::from_slice::<Lease>(&v) {
+                Ok(l) => {
+                    table.insert(Ipv4Addr::from(octets), l);
+                }
+                Err(e) => {
+                    tracing::warn!(ip = %Ipv4Addr::from(octets), error = %e, "dhcp-leases: skipping unreadable record")
+                }
+            }
+        }
+        Ok(Leases {
+            tree,
+            table: Mutex::new(table),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Ipv4Addr, Lease>> {
+        // A panic elsewhere while holding the lock leaves the table consistent
+        // (every change is one insert), so a poisoned lock is still usable.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn store(
+        &self,
+        table: &mut BTreeMap<Ipv4Addr, Lease>,
+        ip: Ipv4Addr,
+        lease: Lease,
+    ) -> Result<(), RelayError> {
+        let v = serde_json::to_vec(&lease)?;
+        self.tree.insert(ip.octets(), v)?;
+        table.insert(ip, lease);
+        Ok(())
+    }
+
+    /// The record of `ip`, if any.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<Lease> {
+        self.lock().get(&ip).cloned()
+    }
+
+    /// All records, by address.
+    pub fn snapshot(&self) -> Vec<(Ipv4Addr, Lease)> {
+        self.lock().iter().map(|(ip, l)| (*ip, l.clone())).collect()
+    }
+
+    /// Pick an address for `mac` in `net`'s pool and hold it as an offer.
+    /// Preference: this MAC's previous address, then the requested one (if
+    /// free), then a never-used one, then the longest-expired one.
+    /// `Ok(None)` when the pool is exhausted (or the network has none).
+    pub fn offer(
+        &self,
+        mac: &Mac,
+        net: &Network,
+        excluded: &HashSet<Ipv4Addr>,
+        requested: Option<Ipv4Addr>,
+        now: u64,
+        hold_secs: u32,
+    ) -> Result<Option<Ipv4Addr>, RelayError> {
+        let Some((s, e)) = pool_range(net) else {
+            return Ok(None);
+        };
+        let mut table = self.lock();
+        let usable = |ip: Ipv4Addr| !excluded.contains(&ip) && (s..=e).contains(&u32::from(ip));
+
+        // 1. The MAC's own record (latest expiry wins).
+        let mine = table
+            .range(Ipv4Addr::from(s)..=Ipv4Addr::from(e))
+            .filter(|(ip, l)| usable(**ip) && availability(Some(l), mac, now) == Avail::Mine)
+            .max_by_key(|(_, l)| l.expires)
+            .map(|(ip, _)| *ip);
+        // 2. The requested address, 3. never used, 4. expired longest ago.
+        let pick = mine
+            .or_else(|| {
+                requested.filter(|ip| {
+                    usable(*ip)
+                        && matches!(
+                            availability(table.get(ip), mac, now),
+                            Avail::Never | Avail::Expired
+                        )
+                })
+            })
+            .or_else(|| {
+                (s..=e)
+                    .map(Ipv4Addr::from)
+                    .find(|ip| usable(*ip) && !table.contains_key(ip))
+            })
+            .or_else(|| {
+                table
+                    .range(Ipv4Addr::from(s)..=Ipv4Addr::from(e))
+                    .filter(|(ip, l)| {
+                        usable(**ip) && availability(Some(l), mac, now) == Avail::Expired
+                    })
+                    .min_by_key(|(_, l)| l.expires)
+                    .map(|(ip, _)| *ip)
+            });
+        let Some(ip) = pick else { return Ok(None) };
+
+        let hold_until = now.saturating_add(u64::from(hold_secs));
+        let keep_bound = table.get(&ip).is_some_and(|l| {
+            l.mac == *mac && l.state == LeaseState::Bound && l.expires >= hold_until
+        });
+        if !keep_bound {
+            let lease = Lease {
+                mac: *mac,
+                network: net.name.clone(),
+                state: LeaseState::Offered,
+                expires: hold_until,
+            };
+            self.store(&mut table, ip, lease)?;
+        }
+        Ok(Some(ip))
+    }
+
+    /// Bind `ip` to `mac` for `lease_secs` if it is free or already this MAC's.
+    pub fn commit(
+        &self,
+        mac: &Mac,
+        net: &Network,
+        excluded: &HashSet<Ipv4Addr>,
+        ip: Ipv4Addr,
+        now: u64,
+        lease_secs: u32,
+    ) -> Result<Commit, RelayError> {
+        if !in_pool(net, ip) || excluded.contains(&ip) {
+            return Ok(Commit::Refused);
+        }
+        let mut table = self.lock();
+        let prev = table.get(&ip);
+        match availability(prev, mac, now) {
+            Avail::Taken => return Ok(Commit::Refused),
+            Avail::Never | Avail::Expired | Avail::Mine => {}
+        }
+        let new =
+            !prev.is_some_and(|l| l.mac == *mac && l.state == LeaseState::Bound && l.expires > now);
+        let lease = Lease {
+            mac: *mac,
+            network: net.name.clone(),
+            state: LeaseState::Bound,
+            expires: now.saturating_add(u64::from(lease_secs)),
+        };
+        self.store(&mut table, ip, lease)?;
+        Ok(Commit::Bound { new })
+    }
+
+    /// Whether `ip` is a valid current lease (or offer) of `mac`.
+    pub fn holds(&self, mac: &Mac, ip: Ipv4Addr, now: u64) -> bool {
+        self.lock().get(&ip).is_some_and(|l| {
+            &l.mac == mac
+                && matches!(l.state, LeaseState::Bound | LeaseState::Offered)
+                && l.expires > now
+        })
+    }
+
+    /// The client gave the address back: free for anyone now, but the MAC
+    /// keeps first claim. Returns whether anything changed.
+    pub fn release(&self, mac: &Mac, ip: Ipv4Addr, now: u64) -> Result<bool, RelayError> {
+        let mut table = self.lock();
+        let Some(l) = table.get(&ip) else {
+            return Ok(false);
+        };
+        if &l.mac != mac || !matches!(l.state, LeaseState::Bound | LeaseState::Offered) {
+            return Ok(false);
+        }
+        let lease = Lease {
+            state: LeaseState::Released,
+            expires: now,
+            ..l.clone()
+        };
+        self.store(&mut table, ip, lease)?;
+        Ok(true)
+    }
+
+    /// Drop this MAC's pending offers other than `keep` (it chose another
+    /// server, or another address).
+    pub fn drop_offers(
+        &self,
+        mac: &Mac,
+        keep: Option<Ipv4Addr>,
+        now: u64,
+    ) -> Result<(), RelayError> {
+        let mut table = self.lock();
+        let stale: Vec<Ipv4Addr> = table
+            .iter()
+            .filter(|(ip, l)| {
+                &l.mac == mac
+                    && l.state == LeaseState::Offered
+                    && l.expires > now
+                    && Some(**ip) != keep
+            })
+            .map(|(ip, _)| *ip)
+            .take(64)
+            .collect();
+        for ip in stale {
+            if let Some(l) = table.get(&ip).cloned() {
+                self.store(
+                    &mut table,
+                    ip,
+                    Lease {
+                        state: LeaseState::Released,
+                        expires: now,
+                        ..l
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The client found `ip` in use (RFC 2131 DHCPDECLINE): quarantine it.
+    /// Only the address's current holder (or a free address) can be declined.
+    pub fn decline(
+        &self,
+        mac: &Mac,
+        net: &Network,
+        ip: Ipv4Addr,
+        now: u64,
+    ) -> Result<bool, RelayError> {
+        if !in_pool(net, ip) {
+            return Ok(false);
+        }
+        let mut table = self.lock();
+        match availability(table.get(&ip), mac, now) {
+            Avail::Taken => return Ok(false),
+            Avail::Never | Avail::Expired | Avail::Mine => {}
+        }
+        let lease = Lease {
+            mac: *mac,
+            network: net.name.clone(),
+            state: LeaseState::Declined,
+            expires: now.saturating_add(DECLINE_QUARANTINE_SECS),
+        };
+        self.store(&mut table, ip, lease)?;
+        Ok(true)
+    }
+
+    /// Make every change so far durable.
+    pub fn flush(&self) -> Result<(), RelayError> {
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub async fn flush_async(&self) -> Result<(), RelayError> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(pool: (&str, &str)) -> Network {
+        Network {
+            name: "prov".into(),
+            rack: "r1".into(),
+            subnet: "10.20.0.0/24".parse().unwrap(),
+            gateway: Some("10.20.0.1".parse().unwrap()),
+            dns: vec![],
+            domain: String::new(),
+            mtu: 1500,
+            vlan: None,
+            pool: Some((pool.0.parse().unwrap(), pool.1.parse().unwrap())),
+            lease_seconds: 600,
+            interface: String::new(),
+            meta: Default::default(),
+        }
+    }
+
+    fn mac(n: u8) -> Mac {
+        Mac([0x52, 0x54, 0, 0, 0, n])
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn pool_range_clamps_to_the_subnet() {
+        assert_eq!(
+            pool_range(&net(("10.20.0.0", "10.20.0.255"))),
+            Some((u32::from(ip("10.20.0.1")), u32::from(ip("10.20.0.254"))))
+        );
+        assert_eq!(pool_range(&net(("10.20.0.9", "10.20.0.3"))), None);
+        assert_eq!(pool_range(&net(("10.30.0.1", "10.30.0.9"))), None);
+        let mut n = net(("10.20.0.1", "10.20.0.2"));
+        n.pool = None;
+        assert_eq!(pool_range(&n), None);
+    }
+
+    #[test]
+    fn offer_commit_release_decline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let l = Leases::open(&db).unwrap();
+        let n = net(("10.20.0.200", "10.20.0.202"));
+        let none = HashSet::new();
+        let a = l
+            .offer(&mac(1), &n, &none, None, 1000, 30)
+            .unwrap()
+            .unwrap();
+        assert_eq!(a, ip("10.20.0.200"));
+        // Held: another MAC gets another address; the same MAC the same one.
+        assert_eq!(
+            l.offer(&mac(2), &n, &none, Some(a), 1000, 30).unwrap(),
+            Some(ip("10.20.0.201"))
+        );
+        assert_eq!(
+            l.offer(&mac(1), &n, &none, None, 1001, 30).unwrap(),
+            Some(a)
+        );
+        // Offer hold over: the address is free again, never-used ones first.
+        assert_eq!(
+            l.commit(&mac(3), &n, &none, a, 1000, 600).unwrap(),
+            Commit::Refused
+        );
+        assert_eq!(
+            l.commit(&mac(1), &n, &none, a, 1002, 600).unwrap(),
+            Commit::Bound { new: true }
+        );
+        assert_eq!(
+            l.commit(&mac(1), &n, &none, a, 1100, 600).unwrap(),
+            Commit::Bound { new: false }
+        );
+        assert!(l.holds(&mac(1), a, 1100));
+        assert!(!l.holds(&mac(2), a, 1100));
+        assert!(l.release(&mac(1), a, 1200).unwrap());
+        assert!(!l.holds(&mac(1), a, 1200));
+        // Released: MAC 1 still gets it back first.
+        assert_eq!(
+            l.offer(&mac(1), &n, &none, None, 1201, 30).unwrap(),
+            Some(a)
+        );
+        // Decline: quarantined for everyone, including the decliner.
+        assert!(l.decline(&mac(1), &n, a, 1202).unwrap());
+        assert_eq!(
+            l.offer(&mac(1), &n, &none, None, 1203, 30).unwrap(),
+            Some(ip("10.20.0.202"))
+        );
+        assert_eq!(
+            l.commit(&mac(4), &n, &none, a, 1203, 600).unwrap(),
+            Commit::Refused
+        );
+        let later = 1202 + DECLINE_QUARANTINE_SECS;
+        assert_eq!(
+            l.commit(&mac(4), &n, &none, a, later, 600).unwrap(),
+            Commit::Bound { new: true }
+        );
+    }
+
+    #[test]
+    fn excluded_addresses_never_leave_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let l = Leases::open(&db).unwrap();
+        let n = net(("10.20.0.200", "10.20.0.201"));
+        let ex: HashSet<Ipv4Addr> = [ip("10.20.0.200")].into();
+        assert_eq!(
+            l.offer(&mac(1), &n, &ex, Some(ip("10.20.0.200")), 10, 30)
+                .unwrap(),
+            Some(ip("10.20.0.201"))
+        );
+        assert_eq!(l.offer(&mac(2), &n, &ex, None, 10, 30).unwrap(), None);
+        assert_eq!(
+            l.commit(&mac(2), &n, &ex, ip("10.20.0.200"), 10, 600)
+                .unwrap(),
+            Commit::Refused
+        );
+    }
+}

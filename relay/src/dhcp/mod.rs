@@ -1,0 +1,183 @@
+//! DHCPv4 server of the relay (dhcproto).
+//!
+//! Reservations (MAC → IP per network) first; an optional dynamic pool per
+//! network for unknown machines; PXE answers chosen by client architecture
+//! and firmware (PXE ROM, iPXE, UEFI HTTP boot); relayed requests answered to
+//! the relay agent with option 82 echoed verbatim.
+//!
+//! Layout: [`packet`] (bytes ↔ messages, validation), [`handler`] (the
+//! decision chain, no sockets), [`leases`] (the sled-backed pool), and here
+//! the sockets and receive loops.
+
+pub mod handler;
+pub mod leases;
+pub mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket as StdUdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+pub use handler::{Handled, Outgoing, Server};
+pub use leases::{Lease, LeaseState, Leases};
+pub use packet::{Reply, Request};
+
+use crate::config::{Interface, RelayConfig};
+use crate::error::RelayError;
+use crate::events::EventLog;
+use crate::metrics::RelayMetrics;
+use crate::state::SharedState;
+
+pub struct DhcpContext {
+    pub config: Arc<RelayConfig>,
+    pub state: SharedState,
+    pub leases: Leases,
+    pub events: Arc<EventLog>,
+    pub metrics: Arc<RelayMetrics>,
+    /// Which clients just fetched our boot loader (`boot.chainload_ipxe`).
+    pub loaders: Arc<crate::boot::LoaderTracker>,
+}
+
+/// Largest datagram read (jumbo-frame DHCP is still far below this).
+const RECV_BUF: usize = 4096;
+/// Replies waiting for a lease flush, per socket; more wait for a slot.
+const MAX_PENDING_FLUSHES: usize = 256;
+
+/// Bind the DHCP socket of one interface: `0.0.0.0:port`, SO_REUSEADDR,
+/// SO_BROADCAST, SO_BINDTODEVICE (skipped for "lo" or an empty name, for
+/// loopback tests), nonblocking. One socket per interface is how broadcasts
+/// are told apart by arrival interface.
+pub fn bind(iface: &Interface, port: u16) -> std::io::Result<StdUdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_broadcast(true)?;
+    if !iface.name.is_empty() && iface.name != "lo" {
+        s.bind_device(Some(iface.name.as_bytes())).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("SO_BINDTODEVICE {}: {e}", iface.name))
+        })?;
+    }
+    let addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
+    s.bind(&addr.into()).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("bind {addr} on {}: {e}", iface.name))
+    })?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Serve until `shutdown` is cancelled: one receive loop per socket.
+pub async fn run(
+    ctx: Arc<DhcpContext>,
+    sockets: Vec<(Interface, UdpSocket)>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    if sockets.is_empty() {
+        warn!("dhcp: no sockets to serve");
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let server = Arc::new(Server::new(ctx));
+    // A loop that dies stops its siblings (not the rest of the relay).
+    let stop = shutdown.child_token();
+    let mut loops = tokio::task::JoinSet::new();
+    for (iface, sock) in sockets {
+        info!(interface = %iface.name, address = %iface.address, port = sock.local_addr().map(|a| a.port()).unwrap_or(0), "dhcp: serving");
+        loops.spawn(serve_socket(
+            server.clone(),
+            iface,
+            Arc::new(sock),
+            stop.clone(),
+        ));
+    }
+    let mut result = Ok(());
+    while let Some(joined) = loops.join_next().await {
+        if let Err(e) = joined {
+            error!(error = %e, "dhcp: receive loop failed");
+            stop.cancel();
+            result = Err(RelayError::Io(std::io::Error::other(format!(
+                "dhcp receive loop failed: {e}"
+            ))));
+        }
+    }
+    result
+}
+
+async fn serve_socket(
+    server: Arc<Server>,
+    iface: Interface,
+    sock: Arc<UdpSocket>,
+    stop: CancellationToken,
+) {
+    let mut buf = vec![0u8; RECV_BUF];
+    let flushes = Arc::new(Semaphore::new(MAX_PENDING_FLUSHES));
+    let pending = TaskTracker::new();
+    let mut last_error_log = 0u64;
+    loop {
+        let received = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            r = sock.recv_from(&mut buf) => r,
+        };
+        let n = match received {
+            Ok((n, _peer)) => n,
+            Err(e) => {
+                let now = unix_now();
+                if now >= last_error_log + 60 {
+                    warn!(interface = %iface.name, error = %e, "dhcp: receive error");
+                    last_error_log = now;
+                }
+                // Never spin on a persistent error.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                continue;
+            }
+        };
+        let Some(out) = server.process(&iface, &buf[..n], unix_now()) else {
+            continue;
+        };
+        if !out.flush {
+            send(&sock, &iface, &out).await;
+            continue;
+        }
+        // A new or renewed pool lease: durable before the client hears of it.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = flushes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (server, sock, iface) = (server.clone(), sock.clone(), iface.clone());
+        pending.spawn(async move {
+            let _permit = permit;
+            match server.ctx.leases.flush_async().await {
+                Ok(()) => send(&sock, &iface, &out).await,
+                Err(e) => {
+                    error!(error = %e, dest = %out.dest, "dhcp: lease flush failed; reply not sent")
+                }
+            }
+        });
+    }
+    pending.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), pending.wait()).await;
+}
+
+async fn send(sock: &UdpSocket, iface: &Interface, out: &Outgoing) {
+    if let Err(e) = sock.send_to(&out.bytes, out.dest).await {
+        warn!(interface = %iface.name, dest = %out.dest, error = %e, "dhcp: send failed");
+    }
+}

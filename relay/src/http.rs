@@ -1,0 +1,435 @@
+//! HTTP boot: per-host iPXE scripts, boot files with Range and ETag, and the
+//! provision-done callback CloudStack's kickstart templates call.
+//!
+//! Routes:
+//! - `GET /boot/<mac>.ipxe`               the host's script, rendered from its profile
+//! - `GET|HEAD /files/<path>`             files of the boot directory (Range, ETag, If-None-Match, If-Range)
+//! - `GET /baremetal/provisiondone/<mac>` records a provision-done event
+
+use std::collections::HashMap;
+use std::io::SeekFrom;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use pxemesh_coordinator::model::Mac;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::boot::{self, LoaderTracker};
+use crate::config::RelayConfig;
+use crate::events::{EventKind, EventLog};
+use crate::files::{self, PathError};
+use crate::metrics::RelayMetrics;
+use crate::state::SharedState;
+
+pub struct HttpContext {
+    pub config: Arc<RelayConfig>,
+    pub state: SharedState,
+    pub events: Arc<EventLog>,
+    pub metrics: Arc<RelayMetrics>,
+    pub loaders: Arc<LoaderTracker>,
+    /// sha256 ETags by (path, length, mtime): computed once per file version.
+    etags: Mutex<HashMap<(PathBuf, u64, SystemTime), String>>,
+}
+
+impl HttpContext {
+    pub fn new(
+        config: Arc<RelayConfig>,
+        state: SharedState,
+        events: Arc<EventLog>,
+        metrics: Arc<RelayMetrics>,
+        loaders: Arc<LoaderTracker>,
+    ) -> HttpContext {
+        HttpContext {
+            config,
+            state,
+            events,
+            metrics,
+            loaders,
+            etags: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+type Ctx = Arc<HttpContext>;
+
+pub fn router(ctx: Ctx) -> Router {
+    Router::new()
+        .route("/boot/{file}", get(script))
+        .route("/files/{*path}", get(file).head(file))
+        .route("/baremetal/provisiondone/{mac}", get(provision_done))
+        .fallback(not_found)
+        .with_state(ctx)
+}
+
+/// Serve until `shutdown`; in-flight downloads get the graceful-shutdown drain.
+pub async fn run(
+    ctx: Ctx,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+fn text(code: StatusCode, body: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body + "\n",
+    )
+        .into_response()
+}
+
+async fn not_found(State(ctx): State<Ctx>) -> Response {
+    ctx.metrics.http("other", 404);
+    text(StatusCode::NOT_FOUND, "no such route".into())
+}
+
+fn client_v4(addr: SocketAddr) -> Option<Ipv4Addr> {
+    match addr.ip() {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(v) => v.to_ipv4_mapped(),
+    }
+}
+
+async fn script(
+    State(ctx): State<Ctx>,
+    UrlPath(file): UrlPath<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Some(mac_text) = file.strip_suffix(".ipxe") else {
+        ctx.metrics.http("script", 404);
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("{file}: expected <mac>.ipxe"),
+        );
+    };
+    let Ok(mac) = mac_text.parse::<Mac>() else {
+        ctx.metrics.http("script", 400);
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{mac_text:?} is not a MAC address"),
+        );
+    };
+    let state = ctx.state.load();
+    let Some(host) = state.host_by_mac(&mac) else {
+        ctx.metrics.http("script", 404);
+        debug!(%mac, %peer, "script requested for an unknown host");
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no host with MAC {mac} in rack {}", state.rack),
+        );
+    };
+    let Some(server) = state
+        .network(&host.network)
+        .and_then(|n| ctx.config.address_for(n))
+        .or_else(|| client_local_guess(&ctx))
+    else {
+        ctx.metrics.http("script", 500);
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("no relay address configured for network {}", host.network),
+        );
+    };
+    let base = boot::http_base(server, ctx.config.http_port());
+    match boot::ipxe_script(host, state.profile_of(host), &base) {
+        Ok(s) => {
+            ctx.metrics.http("script", 200);
+            ctx.metrics.http_bytes.inc_by(s.len() as u64);
+            ctx.events.record(
+                &mac.to_string(),
+                EventKind::HttpFile,
+                &format!("/boot/{file}"),
+            );
+            (
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    (header::CACHE_CONTROL, "no-store"),
+                ],
+                s,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            ctx.metrics.http("script", 404);
+            text(StatusCode::NOT_FOUND, e.0)
+        }
+    }
+}
+
+fn client_local_guess(ctx: &HttpContext) -> Option<Ipv4Addr> {
+    ctx.config
+        .advertise_address
+        .or_else(|| ctx.config.interfaces.first().map(|i| i.address))
+}
+
+async fn provision_done(
+    State(ctx): State<Ctx>,
+    UrlPath(mac): UrlPath<String>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let Ok(mac) = mac.parse::<Mac>() else {
+        ctx.metrics.http("provisiondone", 400);
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("{mac:?} is not a MAC address"),
+        );
+    };
+    if ctx.state.load().host_by_mac(&mac).is_none() {
+        ctx.metrics.http("provisiondone", 404);
+        warn!(%mac, %peer, "provision-done from an unknown host");
+        return text(StatusCode::NOT_FOUND, format!("no host with MAC {mac}"));
+    }
+    ctx.events.record(
+        &mac.to_string(),
+        EventKind::ProvisionDone,
+        &peer.ip().to_string(),
+    );
+    ctx.metrics.http("provisiondone", 200);
+    text(StatusCode::OK, "recorded".into())
+}
+
+/// A parsed single `Range: bytes=` header against a body of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeReq {
+    Full,
+    Part(u64, u64),
+    Unsatisfiable,
+}
+
+fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
+    let Some(v) = h.and_then(|v| v.to_str().ok()) else {
+        return RangeReq::Full;
+    };
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return RangeReq::Full;
+    };
+    // Several ranges: serving the whole body is allowed and keeps it simple.
+    if spec.contains(',') {
+        return RangeReq::Full;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeReq::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.is_empty(), b.is_empty()) {
+        (true, false) => b.parse::<u64>().ok().map(|n| {
+            (
+                len.saturating_sub(n.min(len)),
+                len.saturating_sub(1),
+                n == 0,
+            )
+        }),
+        (false, true) => a
+            .parse::<u64>()
+            .ok()
+            .map(|s| (s, len.saturating_sub(1), false)),
+        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(len.saturating_sub(1)), false)),
+            _ => None,
+        },
+        (true, true) => None,
+    };
+    match parsed {
+        None => RangeReq::Full,
+        Some((_, _, true)) => RangeReq::Unsatisfiable,
+        Some((s, e, _)) if s >= len || len == 0 || s > e => RangeReq::Unsatisfiable,
+        Some((s, e, _)) => RangeReq::Part(s, e),
+    }
+}
+
+async fn etag_for(
+    ctx: &HttpContext,
+    path: &std::path::Path,
+    len: u64,
+    mtime: SystemTime,
+) -> std::io::Result<String> {
+    let key = (path.to_path_buf(), len, mtime);
+    if let Some(t) = ctx.etags.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(t);
+    }
+    let p = path.to_path_buf();
+    let digest = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+        let mut f = std::fs::File::open(p)?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    let tag = format!("\"sha256:{digest}\"");
+    if let Ok(mut m) = ctx.etags.lock() {
+        if m.len() > 4096 {
+            m.clear();
+        }
+        m.insert(key, tag.clone());
+    }
+    Ok(tag)
+}
+
+async fn file(
+    State(ctx): State<Ctx>,
+    method: Method,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let full = match files::resolve(&ctx.config.boot.dir, &path) {
+        Ok(p) => p,
+        Err(PathError::Forbidden(p)) => {
+            ctx.metrics.http("files", 403);
+            warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
+            return text(StatusCode::FORBIDDEN, format!("access violation: {p}"));
+        }
+        Err(PathError::NotFound(p)) => {
+            ctx.metrics.http("files", 404);
+            return text(StatusCode::NOT_FOUND, format!("file not found: {p}"));
+        }
+    };
+    let served = async {
+        let mut f = tokio::fs::File::open(&full).await?;
+        let meta = f.metadata().await?;
+        let len = meta.len();
+        let etag = etag_for(&ctx, &full, len, meta.modified()?).await?;
+        if headers
+            .get(header::IF_NONE_MATCH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+        {
+            return Ok::<_, std::io::Error>((StatusCode::NOT_MODIFIED, etag, 0, 0, None, len));
+        }
+        let if_range_ok = headers
+            .get(header::IF_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|v| v.trim() == etag);
+        let range = if if_range_ok {
+            parse_range(headers.get(header::RANGE), len)
+        } else {
+            RangeReq::Full
+        };
+        let (code, start, end) = match range {
+            RangeReq::Full => (StatusCode::OK, 0, len.saturating_sub(1)),
+            RangeReq::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
+            RangeReq::Unsatisfiable => {
+                return Ok((StatusCode::RANGE_NOT_SATISFIABLE, etag, 0, 0, None, len))
+            }
+        };
+        let count = if len == 0 { 0 } else { end - start + 1 };
+        if start > 0 {
+            f.seek(SeekFrom::Start(start)).await?;
+        }
+        Ok((code, etag, start, count, Some(f), len))
+    }
+    .await;
+    let (code, etag, start, count, f, len) = match served {
+        Ok(x) => x,
+        Err(e) => {
+            ctx.metrics.http("files", 500);
+            warn!(path = %full.display(), error = %e, "cannot read boot file");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot read {path}: {e}"),
+            );
+        }
+    };
+    ctx.metrics.http("files", code.as_u16());
+    let mut resp = Response::builder()
+        .status(code)
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    match code {
+        StatusCode::NOT_MODIFIED => return resp.body(Body::empty()).unwrap_or_default(),
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            return resp
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(Body::empty())
+                .unwrap_or_default()
+        }
+        StatusCode::PARTIAL_CONTENT => {
+            resp = resp.header(
+                header::CONTENT_RANGE,
+                format!("bytes {start}-{}/{len}", start + count - 1),
+            );
+        }
+        _ => {}
+    }
+    resp = resp.header(header::CONTENT_LENGTH, count);
+    if let Some(ip) = client_v4(peer) {
+        if boot::is_loader(&path, &ctx.config.boot) {
+            ctx.loaders.loaded(ip);
+        }
+        let state = ctx.state.load();
+        let mac = state
+            .host_by_ip(ip)
+            .map(|h| h.mac.to_string())
+            .unwrap_or_else(|| "-".into());
+        ctx.events
+            .record(&mac, EventKind::HttpFile, &format!("/files/{path}"));
+    }
+    if method == Method::HEAD {
+        return resp.body(Body::empty()).unwrap_or_default();
+    }
+    let Some(f) = f else {
+        return resp.body(Body::empty()).unwrap_or_default();
+    };
+    ctx.metrics.http_bytes.inc_by(count);
+    let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024);
+    resp.body(Body::from_stream(stream)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        let h = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(parse_range(None, 100), RangeReq::Full);
+        assert_eq!(
+            parse_range(Some(&h("bytes=0-9")), 100),
+            RangeReq::Part(0, 9)
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=90-")), 100),
+            RangeReq::Part(90, 99)
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=-10")), 100),
+            RangeReq::Part(90, 99)
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=-500")), 100),
+            RangeReq::Part(0, 99)
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=50-500")), 100),
+            RangeReq::Part(50, 99)
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=100-")), 100),
+            RangeReq::Unsatisfiable
+        );
+        assert_eq!(
+            parse_range(Some(&h("bytes=-0")), 100),
+            RangeReq::Unsatisfiable
+        );
+        assert_eq!(parse_range(Some(&h("bytes=0-1,5-6")), 100), RangeReq::Full);
+        assert_eq!(parse_range(Some(&h("bytes=9-2")), 100), RangeReq::Full);
+        assert_eq!(parse_range(Some(&h("items=0-1")), 100), RangeReq::Full);
+        assert_eq!(parse_range(Some(&h("bytes=x-y")), 100), RangeReq::Full);
+    }
+}

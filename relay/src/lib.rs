@@ -1,0 +1,14 @@
+//! pxemesh relay library: DHCP, TFTP and HTTP boot for one rack, served from
+//! the rack's local state.
+
+pub mod boot;
+pub mod config;
+pub mod dhcp;
+pub mod error;
+pub mod events;
+pub mod files;
+pub mod http;
+pub mod metrics;
+pub mod server;
+pub mod state;
+pub mod tftp;
