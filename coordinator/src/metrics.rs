@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RpcLabels {
     pub method: String,
-    pub code: String,
+    pub admission: String,
 }
 
 pub struct Metrics {
@@ -26,6 +26,7 @@ pub struct Metrics {
     pub raft_messages_dropped: Counter,
     pub snapshots_installed: Counter,
     pub compactions: Counter,
+    pub log_syncs: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
 }
@@ -46,6 +47,7 @@ impl Metrics {
             raft_messages_dropped: Counter::default(),
             snapshots_installed: Counter::default(),
             compactions: Counter::default(),
+            log_syncs: Counter::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             registry: Registry::default(),
@@ -107,9 +109,14 @@ impl Metrics {
             m.compactions.clone(),
         );
         registry.register(
-            "rpcs",
-            "gRPC calls by method and status code",
+            "grpc_requests",
+            "gRPC calls by method and admission (admitted, unauthenticated, permission_denied)",
             m.rpcs.clone(),
+        );
+        registry.register(
+            "log_syncs",
+            "Durable syncs of the raft log",
+            m.log_syncs.clone(),
         );
         registry.register(
             "auth_denied",

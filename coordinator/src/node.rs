@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::error::{CoordError, StateError};
 use crate::metrics::Metrics;
-use crate::state::{ApplyOutcome, Command, State};
+use crate::state::{ApplyOutcome, Command, Pending, State};
 use crate::storage::RaftStore;
 use crate::transport::Transport;
 
@@ -313,6 +313,8 @@ pub(crate) fn start(
         pre_vote: true,
         max_size_per_msg: 1024 * 1024,
         max_inflight_msgs: 256,
+        // Merge appends to a follower that are still in flight into one message.
+        batch_append: true,
         ..Default::default()
     };
     cfg.validate()?;
@@ -352,7 +354,24 @@ pub(crate) fn start(
             node.transport.set_peer(id, addr);
         }
     }
-    let join = tokio::spawn(async move { node.run(rx, shutdown).await });
+    // The actor gets its own OS thread and single-threaded runtime: its log
+    // syncs block, and must not stall the gRPC handlers' worker threads.
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("raft-{}", opts.id))
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(node.run(rx, shutdown)),
+                Err(e) => error!(error = %e, "cannot start the raft actor's runtime"),
+            }
+            let _ = done_tx.send(());
+        })?;
+    let join = tokio::spawn(async move {
+        let _ = done_rx.await;
+    });
     Ok((handle, join))
 }
 
@@ -560,17 +579,19 @@ impl Node {
         }
         let committed = ready.take_committed_entries();
         self.apply(committed)?;
-        let mut must_flush = false;
         if !ready.entries().is_empty() {
             self.store.append(ready.entries())?;
-            must_flush = true;
         }
         if let Some(hs) = ready.hs() {
             self.store.set_hard_state(hs)?;
-            must_flush = true;
         }
-        if must_flush || *ready.snapshot() != Snapshot::default() {
+        // raft-rs says when durability matters: new entries, or a new term or
+        // vote. A hard state that only moved the commit index can be lost
+        // (the commit index is recovered from the quorum), so it is written
+        // but not synced.
+        if ready.must_sync() || *ready.snapshot() != Snapshot::default() {
             self.store.flush()?;
+            self.metrics.log_syncs.inc();
         }
         if !ready.persisted_messages().is_empty() {
             let msgs = ready.take_persisted_messages();
@@ -589,23 +610,45 @@ impl Node {
         Ok(())
     }
 
+    /// Apply committed entries. Normal entries of one call are written as one
+    /// sled batch; callers are answered only after it is written, so a reply
+    /// never runs ahead of what this node serves.
     fn apply(&mut self, entries: Vec<Entry>) -> Result<(), CoordError> {
         let Some(last) = entries.last() else {
             return Ok(());
         };
         let last_index = last.index;
+        let mut pending = Pending::default();
+        let mut replies = Vec::new();
         for entry in entries {
             match entry.get_entry_type() {
-                EntryType::EntryNormal => self.apply_normal(&entry)?,
-                EntryType::EntryConfChange => self.apply_conf_change(&entry)?,
+                EntryType::EntryNormal => {
+                    let result = self.apply_normal(&mut pending, &entry)?;
+                    self.metrics.applied_entries.inc();
+                    if let (Some(result), Some(Waiter::Write(reply))) =
+                        (result, self.take_waiter(&entry.context))
+                    {
+                        replies.push((reply, result));
+                    }
+                }
+                EntryType::EntryConfChange => {
+                    // Keep the on-disk order: earlier entries first.
+                    self.state.commit(std::mem::take(&mut pending))?;
+                    self.apply_conf_change(&entry)?;
+                }
                 EntryType::EntryConfChangeV2 => {
                     warn!(
                         index = entry.index,
                         "ignoring unsupported ConfChangeV2 entry"
                     );
-                    self.state.mark_applied(entry.index, entry.term)?;
+                    self.state
+                        .mark_applied_in(&mut pending, entry.index, entry.term);
                 }
             }
+        }
+        self.state.commit(pending)?;
+        for (reply, result) in replies {
+            let _ = reply.send(Ok(result));
         }
         self.metrics.applied_index.set(last_index as i64);
         self.applied_tx.send_replace(last_index);
@@ -620,25 +663,27 @@ impl Node {
         self.waiters.remove(&seq).map(|(w, _)| w)
     }
 
-    fn apply_normal(&mut self, entry: &Entry) -> Result<(), CoordError> {
+    fn apply_normal(
+        &mut self,
+        pending: &mut Pending,
+        entry: &Entry,
+    ) -> Result<Option<Result<ApplyOutcome, StateError>>, CoordError> {
         if entry.data.is_empty() {
-            return self.state.mark_applied(entry.index, entry.term);
+            self.state.mark_applied_in(pending, entry.index, entry.term);
+            return Ok(None);
         }
-        let result = match serde_json::from_slice::<Command>(&entry.data) {
-            Ok(cmd) => self.state.execute(&cmd, Some((entry.index, entry.term)))?,
+        Ok(Some(match serde_json::from_slice::<Command>(&entry.data) {
+            Ok(cmd) => self
+                .state
+                .execute_in(pending, &cmd, Some((entry.index, entry.term)))?,
             Err(e) => {
                 // Only our own servers propose, so this means a version skew bug;
                 // skip the entry on every node alike rather than wedge the log.
                 error!(index = entry.index, error = %e, "undecodable command in raft log; skipped");
-                self.state.mark_applied(entry.index, entry.term)?;
+                self.state.mark_applied_in(pending, entry.index, entry.term);
                 Err(StateError::Invalid(format!("undecodable command: {e}")))
             }
-        };
-        self.metrics.applied_entries.inc();
-        if let Some(Waiter::Write(reply)) = self.take_waiter(&entry.context) {
-            let _ = reply.send(Ok(result));
-        }
-        Ok(())
+        }))
     }
 
     fn apply_conf_change(&mut self, entry: &Entry) -> Result<(), CoordError> {

@@ -96,21 +96,44 @@ pub struct ApplyOutcome {
 }
 
 /// Pending writes of one command over the tree (read-your-writes within the command).
+type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Effects of applied entries not yet written to sled: everything one ready
+/// cycle applies goes to disk as a single atomic batch.
+#[derive(Default)]
+pub struct Pending {
+    writes: Overlay,
+}
+
 struct Txn<'a> {
     tree: &'a sled::Tree,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Earlier commands of the same batch, visible to this one.
+    parent: Option<&'a Overlay>,
+    writes: Overlay,
 }
 
 impl<'a> Txn<'a> {
     fn new(tree: &'a sled::Tree) -> Self {
         Txn {
             tree,
+            parent: None,
+            writes: BTreeMap::new(),
+        }
+    }
+
+    fn over(tree: &'a sled::Tree, parent: &'a Overlay) -> Self {
+        Txn {
+            tree,
+            parent: Some(parent),
             writes: BTreeMap::new(),
         }
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
         if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.parent.and_then(|p| p.get(key)) {
             return Ok(v.clone());
         }
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
@@ -130,14 +153,16 @@ impl<'a> Txn<'a> {
             let (k, v) = kv?;
             out.insert(k.to_vec(), v.to_vec());
         }
-        for (k, v) in self.writes.range(prefix.to_vec()..) {
-            if !k.starts_with(prefix) {
-                break;
+        for layer in self.parent.into_iter().chain(std::iter::once(&self.writes)) {
+            for (k, v) in layer.range(prefix.to_vec()..) {
+                if !k.starts_with(prefix) {
+                    break;
+                }
+                match v {
+                    Some(v) => out.insert(k.clone(), v.clone()),
+                    None => out.remove(k),
+                };
             }
-            match v {
-                Some(v) => out.insert(k.clone(), v.clone()),
-                None => out.remove(k),
-            };
         }
         Ok(out)
     }
@@ -460,8 +485,53 @@ impl State {
         cmd: &Command,
         commit: Option<(u64, u64)>,
     ) -> Result<Result<ApplyOutcome, StateError>, CoordError> {
-        let mut txn = Txn::new(&self.tree);
-        let current = self.revision()?;
+        let mut pending = Pending::default();
+        let out = self.execute_in(&mut pending, cmd, commit)?;
+        self.commit(pending)?;
+        Ok(out)
+    }
+
+    /// Write a batch of applied entries' effects atomically.
+    pub fn commit(&self, pending: Pending) -> Result<(), CoordError> {
+        if pending.writes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in pending.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// An entry without state changes (leader no-op) was applied.
+    pub fn mark_applied_in(&self, pending: &mut Pending, index: u64, term: u64) {
+        pending.writes.insert(
+            KEY_APPLIED.to_vec(),
+            Some(encode_pair(index, term).to_vec()),
+        );
+    }
+
+    /// Like `execute`, but the effects join `pending` (seeing the commands
+    /// already there) instead of being written at once.
+    pub fn execute_in(
+        &self,
+        pending: &mut Pending,
+        cmd: &Command,
+        commit: Option<(u64, u64)>,
+    ) -> Result<Result<ApplyOutcome, StateError>, CoordError> {
+        let mut txn = Txn::over(&self.tree, &pending.writes);
+        let current = match txn.get(KEY_REVISION)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| CoordError::Corrupt("revision".into()))?,
+            ),
+            None => 0,
+        };
         let next = current + 1;
         let mut results = Vec::new();
         let mut stored = Vec::new();
@@ -546,13 +616,16 @@ impl State {
             Err(other) => return Err(other),
         };
         if let Some((index, term)) = commit {
-            match &outcome {
-                Ok(_) if changed => {
-                    txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
-                    self.finish(txn, index, term)?;
-                }
-                _ => self.mark_applied(index, term)?,
+            let keep = outcome.is_ok() && changed;
+            if keep {
+                txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
             }
+            let writes = std::mem::take(&mut txn.writes);
+            drop(txn);
+            if keep {
+                pending.writes.extend(writes);
+            }
+            self.mark_applied_in(pending, index, term);
         }
         Ok(outcome)
     }
@@ -789,6 +862,44 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out.results[0].outcome, Outcome::NotFound);
+    }
+
+    #[test]
+    fn one_batch_sees_its_earlier_commands_and_drops_rejected_ones() {
+        let (_d, s) = state();
+        let mut p = Pending::default();
+        let r1 = s
+            .execute_in(
+                &mut p,
+                &Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+                Some((1, 1)),
+            )
+            .unwrap();
+        assert_eq!(r1.unwrap().revision, 1);
+        // Depends on the uncommitted network above.
+        let r2 = s
+            .execute_in(
+                &mut p,
+                &Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+                Some((2, 1)),
+            )
+            .unwrap();
+        assert_eq!(r2.unwrap().revision, 2);
+        // Rejected: its partial writes must not reach the batch.
+        let bad = Command::Put(vec![
+            host("h2", "52:54:00:00:00:02", "10.0.0.20"),
+            host("h3", "52:54:00:00:00:01", "10.0.0.30"),
+        ]);
+        assert!(s.execute_in(&mut p, &bad, Some((3, 1))).unwrap().is_err());
+        assert!(
+            s.get(Kind::Rack, "r1").unwrap().is_none(),
+            "nothing is written before commit"
+        );
+        s.commit(p).unwrap();
+        assert!(s.get(Kind::Host, "h1").unwrap().is_some());
+        assert!(s.get(Kind::Host, "h2").unwrap().is_none());
+        assert_eq!(s.revision().unwrap(), 2);
+        assert_eq!(s.applied().unwrap(), (3, 1));
     }
 
     #[test]

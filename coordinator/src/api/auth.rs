@@ -6,8 +6,10 @@
 //! Handlers find the caller as `Peer` in the request extensions (relays use it
 //! for rack scoping). Request fields never grant anything.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use pxemesh_certs::{Identity, Role, Tls};
@@ -16,7 +18,15 @@ use tonic::Status;
 use tower::{Layer, Service};
 use tracing::warn;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RpcLabels};
+
+/// How long a verified certificate's identity is reused without re-checking
+/// the chain. The handshake already verified it; re-checking on every call
+/// (an ECDSA verification) only matters after a CA change, which this bounds.
+const IDENTITY_TTL: Duration = Duration::from_secs(60);
+const IDENTITY_CACHE_CAP: usize = 4096;
+
+type IdentityCache = Arc<Mutex<HashMap<Vec<u8>, (Identity, Instant)>>>;
 
 /// The verified caller, inserted into request extensions.
 #[derive(Debug, Clone)]
@@ -81,11 +91,16 @@ fn describe(need: Need) -> &'static str {
 pub struct AuthLayer {
     tls: Arc<Tls>,
     metrics: Arc<Metrics>,
+    cache: IdentityCache,
 }
 
 impl AuthLayer {
     pub fn new(tls: Arc<Tls>, metrics: Arc<Metrics>) -> AuthLayer {
-        AuthLayer { tls, metrics }
+        AuthLayer {
+            tls,
+            metrics,
+            cache: Arc::default(),
+        }
     }
 }
 
@@ -96,6 +111,7 @@ impl<S> Layer<S> for AuthLayer {
             inner,
             tls: self.tls.clone(),
             metrics: self.metrics.clone(),
+            cache: self.cache.clone(),
         }
     }
 }
@@ -105,6 +121,7 @@ pub struct Auth<S> {
     inner: S,
     tls: Arc<Tls>,
     metrics: Arc<Metrics>,
+    cache: IdentityCache,
 }
 
 impl<S> Auth<S> {
@@ -119,22 +136,58 @@ impl<S> Auth<S> {
         let certs = info.and_then(|i| i.peer_certs());
         let Some(certs) = certs.filter(|c| !c.is_empty()) else {
             warn!(method = path, remote = ?remote, "unauthenticated call refused: no client certificate");
+            self.count(path, "unauthenticated");
             return Err(Status::unauthenticated(
                 "a client certificate issued by this installation's CA is required",
             ));
         };
-        let who = self.tls.peer_identity(&certs).map_err(|e| {
+        let who = self.identity(&certs).map_err(|e| {
             warn!(method = path, remote = ?remote, error = %e, "call refused: client certificate carries no usable identity");
+            self.count(path, "unauthenticated");
             Status::unauthenticated(format!("client certificate not accepted: {e}"))
         })?;
         if !permits(need, &who) {
+            self.count(path, "permission_denied");
             warn!(method = path, peer_identity = %who, remote = ?remote, "permission denied: {} needs {}", path, describe(need));
             return Err(Status::permission_denied(format!(
                 "{who} may not call {path}: it needs {}",
                 describe(need)
             )));
         }
+        self.count(path, "admitted");
         Ok(Some(who))
+    }
+
+    fn count(&self, method: &str, admission: &str) {
+        self.metrics
+            .rpcs
+            .get_or_create(&RpcLabels {
+                method: method.to_string(),
+                admission: admission.to_string(),
+            })
+            .inc();
+    }
+
+    fn identity(
+        &self,
+        certs: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> Result<Identity, pxemesh_certs::CertError> {
+        let leaf = certs[0].as_ref();
+        if let Ok(cache) = self.cache.lock() {
+            if let Some((who, at)) = cache.get(leaf) {
+                if at.elapsed() < IDENTITY_TTL {
+                    return Ok(who.clone());
+                }
+            }
+        }
+        let who = self.tls.peer_identity(certs)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= IDENTITY_CACHE_CAP {
+                cache.clear();
+            }
+            cache.insert(leaf.to_vec(), (who.clone(), Instant::now()));
+        }
+        Ok(who)
     }
 }
 
