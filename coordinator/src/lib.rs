@@ -16,6 +16,7 @@ pub mod server;
 pub mod state;
 pub mod storage;
 mod transport;
+mod wal;
 
 pub use config::Config;
 pub use server::{run, Listeners};

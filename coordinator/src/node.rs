@@ -273,7 +273,6 @@ pub(crate) fn start(
         info!(node = opts.id, peers = ?opts.initial_peers, "bootstrapping a new cluster");
         state.seed_peers(&opts.initial_peers)?;
         store.bootstrap(&opts.initial_peers.keys().copied().collect::<Vec<_>>())?;
-        store.flush()?;
     } else if opts.join && !store.is_initialized()? {
         info!(
             node = opts.id,
@@ -281,7 +280,10 @@ pub(crate) fn start(
         );
         state.seed_peers(&opts.initial_peers)?;
     }
-    let (applied, _) = state.applied()?;
+    let (applied, applied_term) = state.applied()?;
+    if store.repair_after_crash(applied, applied_term)? {
+        warn!(node = opts.id, applied, "state machine was ahead of the raft log (crash during a snapshot install); log restarted at the applied index");
+    }
     // After a crash the state machine may be durable further than the last
     // commit-index update (both are written between flushes). Applied entries
     // are committed by definition, so raise the commit index to match; an applied
@@ -302,7 +304,7 @@ pub(crate) fn start(
         );
         hs.commit = applied;
         store.set_hard_state(&hs)?;
-        store.flush()?;
+        store.sync()?;
     }
     let cfg = raft::Config {
         id: opts.id,
@@ -589,8 +591,8 @@ impl Node {
         // vote. A hard state that only moved the commit index can be lost
         // (the commit index is recovered from the quorum), so it is written
         // but not synced.
-        if ready.must_sync() || *ready.snapshot() != Snapshot::default() {
-            self.store.flush()?;
+        if ready.must_sync() {
+            self.store.sync()?;
             self.metrics.log_syncs.inc();
         }
         if !ready.persisted_messages().is_empty() {
@@ -606,6 +608,8 @@ impl Node {
         let committed = light.take_committed_entries();
         self.apply(committed)?;
         self.raw.advance_apply();
+        // Unsynced records (commit-index moves) still go to the OS promptly.
+        self.store.write_buffered()?;
         self.after_apply()?;
         Ok(())
     }

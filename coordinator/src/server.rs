@@ -69,7 +69,7 @@ pub async fn run(
         .path(config.data_dir.join("sled"))
         .mode(sled::Mode::HighThroughput)
         .open()?;
-    let store = RaftStore::open(db)?;
+    let store = RaftStore::open(db, &config.data_dir.join("raft-wal"))?;
     let metrics = Arc::new(Metrics::new());
     let tracker = TaskTracker::new();
     let reloader = tls.spawn_reloader(

@@ -1,45 +1,36 @@
-//! Durable Raft storage on sled: the log, hard state, conf state and the
-//! compaction point, in the same sled tree as the state machine (`state`).
+//! Raft storage: the log, hard state and compaction point in our own WAL
+//! (`wal.rs`, append + fdatasync, live entries in memory); conf state, the
+//! applied index and the state machine in sled (`state.rs`).
 //!
-//! Everything lives in ONE tree so that each logical change (append, apply,
-//! snapshot install, compaction) is one `apply_batch`, which sled makes atomic.
-//! Durability comes from `flush()`, which the Raft actor calls before it sends
-//! persisted messages or acknowledges a write.
+//! Durability rules:
+//! - `sync()` makes the WAL durable; the actor calls it whenever raft-rs says
+//!   it must (new entries, term or vote) before sending persisted messages.
+//! - sled (the state machine) is flushed lazily: what a crash loses there is
+//!   re-applied from the WAL, because the WAL never drops an entry before sled
+//!   is flushed (`compact`, `install_snapshot`).
 //!
-//! Key layout:
-//! - `r:log:<index u64 BE>`  raft entry (protobuf)
-//! - `r:hs`                  hard state (protobuf)
-//! - `r:cs`                  conf state (protobuf)
-//! - `r:snap`                compaction point: index, term (2 x u64 BE)
+//! sled key layout used here (the rest of `s:` belongs to `state.rs`):
+//! - `r:cs`                  conf state (protobuf), written with the applied index
 //! - `r:removed`             present once this node was removed from the cluster
-//! - `s:...`                 state machine (see `state.rs`); a snapshot is exactly
-//!   the `s:` key range.
+//! - `s:meta:applied`        applied index and term
+//!
+//! A snapshot is exactly the `s:` key range.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::error::CoordError;
+use crate::wal::Wal;
 
-const LOG_PREFIX: &[u8] = b"r:log:";
-const LOG_END: &[u8] = b"r:log;"; // ';' sorts right after ':'
-const KEY_HS: &[u8] = b"r:hs";
 pub(crate) const KEY_CS: &[u8] = b"r:cs";
-const KEY_SNAP: &[u8] = b"r:snap";
 const KEY_REMOVED: &[u8] = b"r:removed";
 pub(crate) const STATE_PREFIX: &[u8] = b"s:";
 pub(crate) const STATE_END: &[u8] = b"s;";
 pub(crate) const KEY_APPLIED: &[u8] = b"s:meta:applied";
-
-fn log_key(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
-    k.extend_from_slice(LOG_PREFIX);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
-}
 
 pub(crate) fn encode_pair(a: u64, b: u64) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -61,67 +52,50 @@ fn store_err<E: std::error::Error + Send + Sync + 'static>(e: E) -> raft::Error 
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
 
-/// Raft log storage. Cheap to clone; all clones share the tree and the cached
-/// first/last indexes (which only the Raft actor changes).
+/// Raft storage. Cheap to clone; clones share the WAL and the sled tree. Only
+/// the Raft actor writes.
 #[derive(Clone)]
 pub struct RaftStore {
     db: sled::Db,
     tree: sled::Tree,
-    first: Arc<AtomicU64>,
-    last: Arc<AtomicU64>,
+    wal: Arc<Mutex<Wal>>,
 }
 
 impl RaftStore {
-    pub fn open(db: sled::Db) -> Result<RaftStore, CoordError> {
+    pub fn open(db: sled::Db, wal_dir: &Path) -> Result<RaftStore, CoordError> {
         let tree = db.open_tree("pxemesh")?;
-        let store = RaftStore {
+        let wal = Wal::open(wal_dir)?;
+        Ok(RaftStore {
             db,
             tree,
-            first: Arc::new(AtomicU64::new(1)),
-            last: Arc::new(AtomicU64::new(0)),
-        };
-        store.refresh_bounds()?;
-        Ok(store)
+            wal: Arc::new(Mutex::new(wal)),
+        })
+    }
+
+    fn wal(&self) -> MutexGuard<'_, Wal> {
+        // A panic while holding the lock would already have stopped the actor;
+        // the data behind it is still consistent (every method leaves it so).
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn tree(&self) -> &sled::Tree {
         &self.tree
     }
 
-    fn refresh_bounds(&self) -> Result<(), CoordError> {
-        let (snap_index, _) = self.compaction_point()?;
-        let last = match self.tree.range(LOG_PREFIX..LOG_END).next_back() {
-            Some(kv) => {
-                let (k, _) = kv?;
-                let raw: [u8; 8] = k[LOG_PREFIX.len()..]
-                    .try_into()
-                    .map_err(|_| CoordError::Corrupt("raft log key".into()))?;
-                u64::from_be_bytes(raw)
-            }
-            None => snap_index,
-        };
-        self.first.store(snap_index + 1, Ordering::Release);
-        self.last.store(last, Ordering::Release);
-        Ok(())
-    }
-
     /// Index and term of the last entry folded into the state (log compacted up to it).
     pub fn compaction_point(&self) -> Result<(u64, u64), CoordError> {
-        match self.tree.get(KEY_SNAP)? {
-            Some(v) => decode_pair(&v).ok_or_else(|| CoordError::Corrupt("r:snap".into())),
-            None => Ok((0, 0)),
-        }
+        Ok(self.wal().compacted())
     }
 
     pub fn is_initialized(&self) -> Result<bool, CoordError> {
-        Ok(self.tree.get(KEY_CS)?.is_some() || self.tree.get(KEY_HS)?.is_some())
+        let wal = self.wal();
+        Ok(self.tree.get(KEY_CS)?.is_some()
+            || *wal.hard_state() != HardState::default()
+            || wal.last_index() > 0)
     }
 
     pub fn hard_state(&self) -> Result<HardState, CoordError> {
-        match self.tree.get(KEY_HS)? {
-            Some(v) => Ok(HardState::parse_from_bytes(&v)?),
-            None => Ok(HardState::default()),
-        }
+        Ok(self.wal().hard_state().clone())
     }
 
     pub fn conf_state(&self) -> Result<ConfState, CoordError> {
@@ -139,85 +113,53 @@ impl RaftStore {
             ..Default::default()
         };
         self.tree.insert(KEY_CS, cs.write_to_bytes()?)?;
+        self.db.flush()?;
         Ok(())
     }
 
     pub fn set_hard_state(&self, hs: &HardState) -> Result<(), CoordError> {
-        self.tree.insert(KEY_HS, hs.write_to_bytes()?)?;
-        Ok(())
+        self.wal().set_hard_state(hs)
     }
 
     pub fn set_commit(&self, commit: u64) -> Result<(), CoordError> {
-        let mut hs = self.hard_state()?;
-        if hs.commit != commit {
+        let mut wal = self.wal();
+        if wal.hard_state().commit != commit {
+            let mut hs = wal.hard_state().clone();
             hs.commit = commit;
-            self.set_hard_state(&hs)?;
+            wal.set_hard_state(&hs)?;
         }
         Ok(())
     }
 
     /// Append entries, truncating any conflicting suffix first.
     pub fn append(&self, entries: &[Entry]) -> Result<(), CoordError> {
-        let Some(first) = entries.first() else {
-            return Ok(());
-        };
-        let mut batch = sled::Batch::default();
-        let old_last = self.last.load(Ordering::Acquire);
-        for idx in first.index..=old_last {
-            batch.remove(log_key(idx));
-        }
-        for e in entries {
-            batch.insert(log_key(e.index), e.write_to_bytes()?);
-        }
-        self.tree.apply_batch(batch)?;
-        if let Some(last) = entries.last() {
-            self.last.store(last.index, Ordering::Release);
-        }
-        Ok(())
+        self.wal().append(entries)
     }
 
-    /// Drop log entries up to and including `index` (which must be applied).
+    /// Make everything appended so far durable (fdatasync of the WAL).
+    pub fn sync(&self) -> Result<(), CoordError> {
+        self.wal().write(true)
+    }
+
+    /// Hand buffered WAL records to the OS without waiting for the disk.
+    pub fn write_buffered(&self) -> Result<(), CoordError> {
+        self.wal().write(false)
+    }
+
+    /// Drop log entries up to and including `index`, which must be applied.
+    /// sled is flushed first: afterwards the WAL can no longer replay them.
     pub fn compact(&self, index: u64) -> Result<(), CoordError> {
-        let first = self.first.load(Ordering::Acquire);
-        if index < first {
-            return Ok(());
-        }
-        let term = self.entry_term(index)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.tree.range(LOG_PREFIX.to_vec()..log_key(index + 1)) {
-            let (k, _) = kv?;
-            batch.remove(k);
-        }
-        batch.insert(KEY_SNAP, &encode_pair(index, term));
-        self.tree.apply_batch(batch)?;
-        self.first.store(index + 1, Ordering::Release);
-        if self.last.load(Ordering::Acquire) < index {
-            self.last.store(index, Ordering::Release);
-        }
-        Ok(())
+        self.db.flush()?;
+        self.wal().compact(index)
     }
 
-    fn entry_term(&self, idx: u64) -> Result<u64, CoordError> {
-        let (snap_index, snap_term) = self.compaction_point()?;
-        if idx == snap_index {
-            return Ok(snap_term);
-        }
-        match self.tree.get(log_key(idx))? {
-            Some(v) => Ok(Entry::parse_from_bytes(&v)?.term),
-            None => Err(CoordError::Corrupt(format!("raft log entry {idx} missing"))),
-        }
-    }
-
-    /// Replace the state machine and the log with a received snapshot.
+    /// Replace the state machine and the log with a received snapshot: state
+    /// first (flushed), then the WAL restarts at the snapshot's index.
     pub fn install_snapshot(&self, snap: &Snapshot) -> Result<(), CoordError> {
         let meta = snap.get_metadata();
         let pairs = decode_snapshot_data(snap.get_data())?;
         let mut batch = sled::Batch::default();
         for kv in self.tree.range(STATE_PREFIX..STATE_END) {
-            let (k, _) = kv?;
-            batch.remove(k);
-        }
-        for kv in self.tree.range(LOG_PREFIX..LOG_END) {
             let (k, _) = kv?;
             batch.remove(k);
         }
@@ -230,20 +172,33 @@ impl RaftStore {
             batch.insert(k, v);
         }
         batch.insert(KEY_APPLIED, &encode_pair(meta.index, meta.term));
-        batch.insert(KEY_SNAP, &encode_pair(meta.index, meta.term));
         batch.insert(KEY_CS, meta.get_conf_state().write_to_bytes()?);
-        let mut hs = self.hard_state()?;
+        self.tree.apply_batch(batch)?;
+        self.db.flush()?;
+        let mut wal = self.wal();
+        let mut hs = wal.hard_state().clone();
         hs.term = hs.term.max(meta.term);
         hs.commit = hs.commit.max(meta.index);
-        batch.insert(KEY_HS, hs.write_to_bytes()?);
-        self.tree.apply_batch(batch)?;
-        self.first.store(meta.index + 1, Ordering::Release);
-        self.last.store(meta.index, Ordering::Release);
-        Ok(())
+        wal.reset_to(meta.index, meta.term, &hs)
+    }
+
+    /// After a crash between a snapshot's state install and the WAL reset, the
+    /// state is ahead of the log: restart the log at the applied index.
+    pub fn repair_after_crash(&self, applied: u64, applied_term: u64) -> Result<bool, CoordError> {
+        let mut wal = self.wal();
+        if applied <= wal.last_index() {
+            return Ok(false);
+        }
+        let mut hs = wal.hard_state().clone();
+        hs.term = hs.term.max(applied_term);
+        hs.commit = hs.commit.max(applied);
+        wal.reset_to(applied, applied_term, &hs)?;
+        Ok(true)
     }
 
     pub fn mark_removed(&self) -> Result<(), CoordError> {
         self.tree.insert(KEY_REMOVED, &[1u8])?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -258,18 +213,19 @@ impl RaftStore {
         }
     }
 
-    /// Make everything written so far durable.
+    /// Make everything durable: the WAL and sled (shutdown).
     pub fn flush(&self) -> Result<(), CoordError> {
+        self.sync()?;
         self.db.flush()?;
         Ok(())
     }
 
     pub fn first_index_cached(&self) -> u64 {
-        self.first.load(Ordering::Acquire)
+        self.wal().first_index()
     }
 
     pub fn last_index_cached(&self) -> u64 {
-        self.last.load(Ordering::Acquire)
+        self.wal().last_index()
     }
 }
 
@@ -325,27 +281,14 @@ impl raft::Storage for RaftStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low < self.first.load(Ordering::Acquire) {
+        let wal = self.wal();
+        if low < wal.first_index() {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if high > self.last.load(Ordering::Acquire) + 1 {
+        if high > wal.last_index() + 1 {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let max = max_size.into();
-        let mut out = Vec::with_capacity((high - low) as usize);
-        let mut size = 0u64;
-        for kv in self.tree.range(log_key(low)..log_key(high)) {
-            let (_, v) = kv.map_err(store_err)?;
-            let e = Entry::parse_from_bytes(&v)?;
-            size += v.len() as u64;
-            // Always return at least one entry, as raft-rs expects.
-            if let Some(m) = max {
-                if !out.is_empty() && size > m {
-                    break;
-                }
-            }
-            out.push(e);
-        }
+        let out = wal.slice(low, high, max_size.into());
         if out.is_empty() && low < high {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
@@ -353,28 +296,23 @@ impl raft::Storage for RaftStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        let (snap_index, snap_term) = self.compaction_point().map_err(store_err)?;
-        if idx == snap_index {
-            return Ok(snap_term);
+        let wal = self.wal();
+        if let Some(t) = wal.term(idx) {
+            return Ok(t);
         }
-        if idx < snap_index {
-            return Err(raft::Error::Store(StorageError::Compacted));
-        }
-        if idx > self.last.load(Ordering::Acquire) {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        match self.tree.get(log_key(idx)).map_err(store_err)? {
-            Some(v) => Ok(Entry::parse_from_bytes(&v)?.term),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        if idx < wal.compacted().0 {
+            Err(raft::Error::Store(StorageError::Compacted))
+        } else {
+            Err(raft::Error::Store(StorageError::Unavailable))
         }
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.first.load(Ordering::Acquire))
+        Ok(self.wal().first_index())
     }
 
     fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.last.load(Ordering::Acquire))
+        Ok(self.wal().last_index())
     }
 
     /// A snapshot of the state machine as applied right now. Called only from
@@ -411,15 +349,15 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, RaftStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
-        (dir, RaftStore::open(db).unwrap())
+    fn open_at(dir: &Path) -> RaftStore {
+        let db = sled::open(dir.join("sled")).unwrap();
+        RaftStore::open(db, &dir.join("wal")).unwrap()
     }
 
     #[test]
     fn append_truncates_conflicting_suffix() {
-        let (_d, s) = open();
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_at(dir.path());
         s.append(&[entry(1, 1), entry(2, 1), entry(3, 1)]).unwrap();
         s.append(&[entry(2, 2)]).unwrap();
         assert_eq!(s.last_index().unwrap(), 2);
@@ -435,9 +373,16 @@ mod tests {
     fn compaction_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = RaftStore::open(sled::open(dir.path()).unwrap()).unwrap();
+            let s = open_at(dir.path());
             s.append(&(1..=10).map(|i| entry(i, 1)).collect::<Vec<_>>())
                 .unwrap();
+            s.set_hard_state(&HardState {
+                term: 1,
+                commit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+            s.sync().unwrap();
             s.compact(6).unwrap();
             assert_eq!(s.first_index().unwrap(), 7);
             assert_eq!(s.term(6).unwrap(), 1);
@@ -445,16 +390,17 @@ mod tests {
                 s.entries(5, 8, None, GetEntriesContext::empty(false)),
                 Err(raft::Error::Store(StorageError::Compacted))
             ));
-            s.flush().unwrap();
         }
-        let s = RaftStore::open(sled::open(dir.path()).unwrap()).unwrap();
+        let s = open_at(dir.path());
         assert_eq!(s.first_index().unwrap(), 7);
         assert_eq!(s.last_index().unwrap(), 10);
+        assert_eq!(s.hard_state().unwrap().commit, 10);
     }
 
     #[test]
     fn max_size_returns_at_least_one() {
-        let (_d, s) = open();
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_at(dir.path());
         s.append(&(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>())
             .unwrap();
         let ents = s
@@ -465,25 +411,47 @@ mod tests {
 
     #[test]
     fn snapshot_round_trip() {
-        let (_d, a) = open();
+        let d1 = tempfile::tempdir().unwrap();
+        let a = open_at(d1.path());
         a.tree().insert(b"s:rec:rack:r1", b"{}".as_slice()).unwrap();
         a.tree().insert(KEY_APPLIED, &encode_pair(7, 2)).unwrap();
         a.bootstrap(&[1, 2, 3]).unwrap();
         let snap = a.snapshot(0, 2).unwrap();
         assert_eq!(snap.get_metadata().index, 7);
 
-        let (_d2, b) = open();
-        b.append(&[entry(1, 1)]).unwrap();
-        b.tree()
-            .insert(b"s:rec:rack:stale", b"{}".as_slice())
-            .unwrap();
-        b.install_snapshot(&snap).unwrap();
-        assert!(b.tree().get(b"s:rec:rack:stale").unwrap().is_none());
-        assert!(b.tree().get(b"s:rec:rack:r1").unwrap().is_some());
-        assert_eq!(b.first_index().unwrap(), 8);
-        assert_eq!(b.last_index().unwrap(), 7);
-        assert_eq!(b.applied().unwrap(), (7, 2));
-        assert_eq!(b.conf_state().unwrap().voters, vec![1, 2, 3]);
+        let d2 = tempfile::tempdir().unwrap();
+        {
+            let b = open_at(d2.path());
+            b.append(&[entry(1, 1)]).unwrap();
+            b.sync().unwrap();
+            b.tree()
+                .insert(b"s:rec:rack:stale", b"{}".as_slice())
+                .unwrap();
+            b.install_snapshot(&snap).unwrap();
+            assert!(b.tree().get(b"s:rec:rack:stale").unwrap().is_none());
+            assert!(b.tree().get(b"s:rec:rack:r1").unwrap().is_some());
+            assert_eq!(b.first_index().unwrap(), 8);
+            assert_eq!(b.last_index().unwrap(), 7);
+            assert_eq!(b.applied().unwrap(), (7, 2));
+            assert_eq!(b.conf_state().unwrap().voters, vec![1, 2, 3]);
+        }
+        // Durable across a reopen.
+        let b = open_at(d2.path());
+        assert_eq!((b.first_index().unwrap(), b.last_index().unwrap()), (8, 7));
+        assert_eq!(b.hard_state().unwrap().commit, 7);
         assert!(decode_snapshot_data(&[0, 0, 0, 9, 1]).is_err());
+    }
+
+    #[test]
+    fn state_ahead_of_the_log_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_at(dir.path());
+        s.append(&(1..=3).map(|i| entry(i, 1)).collect::<Vec<_>>())
+            .unwrap();
+        assert!(!s.repair_after_crash(2, 1).unwrap());
+        assert!(s.repair_after_crash(9, 2).unwrap());
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (10, 9));
+        assert_eq!(s.term(9).unwrap(), 2);
+        assert!(s.hard_state().unwrap().commit >= 9);
     }
 }

@@ -823,12 +823,16 @@ fn dhclient_through_isc_dhcrelay() {
     assert!(lease.contains("option routers 10.78.0.1;"), "{lease}");
     assert!(lease.contains("option dhcp-lease-time 900;"), "{lease}");
     assert!(lease.contains("filename \"undionly.kpxe\";"), "{lease}");
-    let log = lab.log("server");
+    // The lease can reach dhclient before the server's log line is written.
+    let seen = wait_for(Duration::from_secs(5), || {
+        lab.log("server").lines().any(|l| {
+            l.contains("dhcp: ack") && l.contains(REMOTE_MAC) && l.contains("option82=true")
+        })
+    });
     assert!(
-        log.lines().any(|l| l.contains("dhcp: ack")
-            && l.contains(REMOTE_MAC)
-            && l.contains("option82=true")),
-        "server did not see dhcrelay's option 82:\n{log}"
+        seen,
+        "server did not see dhcrelay's option 82:\n{}",
+        lab.log("server")
     );
     lab.kill(relay);
 }
