@@ -4,8 +4,7 @@
 //!   coordinator cluster or, for comparison, an etcd v3 cluster, over mTLS.
 
 pub mod etcd;
-pub mod tls;
 pub mod writes;
 
-pub use tls::TlsFiles;
+pub use pxemesh_certs::TlsPaths;
 pub use writes::{writes, ConnectMode, Target, WritesConfig, WritesReport};

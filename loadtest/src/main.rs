@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use pxemesh_loadtest::{ConnectMode, Target, TlsFiles, WritesConfig};
+use pxemesh_loadtest::{ConnectMode, Target, TlsPaths, WritesConfig};
 
 #[derive(Parser)]
 #[command(
@@ -86,10 +86,10 @@ struct WritesArgs {
 
 impl WritesArgs {
     fn config(&self) -> WritesConfig {
-        let ours = TlsFiles::in_dir(&self.tls_dir, &self.cert_stem);
+        let ours = TlsPaths::in_dir(&self.tls_dir, &self.cert_stem);
         let tls = match self.target {
             Target::Pxemesh => ours,
-            Target::Etcd => TlsFiles {
+            Target::Etcd => TlsPaths {
                 ca: self.etcd_ca.clone().unwrap_or(ours.ca),
                 cert: self.etcd_cert.clone().unwrap_or(ours.cert),
                 key: self.etcd_key.clone().unwrap_or(ours.key),

@@ -23,13 +23,13 @@ use hdrhistogram::Histogram;
 use pxemesh_coordinator::model;
 use pxemesh_proto::v1 as pb;
 use pxemesh_proto::v1::admin_service_client::AdminServiceClient;
-use rustls::ClientConfig;
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
 use crate::etcd;
-use crate::tls::{self, TlsFiles};
+use pxemesh_certs::{Tls, TlsPaths};
+use pxemesh_coordinator::client;
 
 /// Rack and network every benchmark host belongs to.
 pub const RACK: &str = "r1";
@@ -79,7 +79,7 @@ pub enum ConnectMode {
 pub struct WritesConfig {
     pub target: Target,
     pub endpoints: Vec<String>,
-    pub tls: TlsFiles,
+    pub tls: TlsPaths,
     pub clients: usize,
     /// Measured requests, shared by all clients.
     pub requests: u64,
@@ -97,7 +97,7 @@ pub struct WritesConfig {
 }
 
 impl WritesConfig {
-    pub fn new(target: Target, endpoints: Vec<String>, tls: TlsFiles) -> WritesConfig {
+    pub fn new(target: Target, endpoints: Vec<String>, tls: TlsPaths) -> WritesConfig {
         WritesConfig {
             target,
             endpoints,
@@ -359,8 +359,8 @@ enum Conn {
 }
 
 impl Conn {
-    async fn open(target: Target, endpoint: &str, tls: Arc<ClientConfig>) -> Result<Conn> {
-        let ch = tls::connect(endpoint, tls).await?;
+    async fn open(target: Target, endpoint: &str, tls: Arc<Tls>) -> Result<Conn> {
+        let ch = client::channel(endpoint, tls).await?;
         Ok(match target {
             Target::Pxemesh => Conn::Pxemesh(AdminServiceClient::new(ch)),
             Target::Etcd => Conn::Etcd(etcd::KvClient::new(ch)),
@@ -395,7 +395,7 @@ impl Conn {
 // ---------------------------------------------------------------------------
 
 /// The endpoint that answers as the leader, and its revision.
-async fn find_leader(cfg: &WritesConfig, tls: &Arc<ClientConfig>) -> Result<(String, u64)> {
+async fn find_leader(cfg: &WritesConfig, tls: &Arc<Tls>) -> Result<(String, u64)> {
     let give_up = Instant::now() + SETUP_PATIENCE;
     let mut last = String::new();
     loop {
@@ -420,8 +420,8 @@ async fn find_leader(cfg: &WritesConfig, tls: &Arc<ClientConfig>) -> Result<(Str
 }
 
 /// Ask one endpoint: is it the leader, and what is its revision?
-async fn probe(target: Target, endpoint: &str, tls: Arc<ClientConfig>) -> Result<(bool, u64)> {
-    let ch = tls::connect(endpoint, tls).await?;
+async fn probe(target: Target, endpoint: &str, tls: Arc<Tls>) -> Result<(bool, u64)> {
+    let ch = client::channel(endpoint, tls).await?;
     let timeout = Duration::from_secs(3);
     match target {
         Target::Pxemesh => {
@@ -450,8 +450,8 @@ async fn probe(target: Target, endpoint: &str, tls: Arc<ClientConfig>) -> Result
 }
 
 /// Create rack r1 and network n1 (10.64.0.0/16) if they are not there yet.
-async fn pxemesh_setup(endpoint: &str, tls: Arc<ClientConfig>) -> Result<u64> {
-    let mut client = AdminServiceClient::new(tls::connect(endpoint, tls).await?);
+async fn pxemesh_setup(endpoint: &str, tls: Arc<Tls>) -> Result<u64> {
+    let mut client = AdminServiceClient::new(client::channel(endpoint, tls).await?);
     let objects = [
         pb::object::Record::Rack(pb::Rack {
             name: RACK.into(),
@@ -614,7 +614,7 @@ async fn run_phase(
 pub async fn writes(cfg: &WritesConfig) -> Result<WritesReport> {
     cfg.validate()?;
     let deadline = Instant::now() + cfg.max_duration;
-    let tls = cfg.tls.client_config()?;
+    let tls = Tls::load(cfg.tls.clone())?;
 
     let (leader, _) = find_leader(cfg, &tls).await?;
     let targets: Vec<String> = match cfg.connect {

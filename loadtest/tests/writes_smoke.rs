@@ -8,7 +8,7 @@ use std::time::Duration;
 use pxemesh_certs::{Ca, Identity, LeafRequest, Role};
 use pxemesh_coordinator::crypto::ClusterKey;
 use pxemesh_coordinator::{Config, Listeners};
-use pxemesh_loadtest::{ConnectMode, Target, TlsFiles, WritesConfig};
+use pxemesh_loadtest::{ConnectMode, Target, TlsPaths, WritesConfig};
 use tokio_util::sync::CancellationToken;
 
 const TRUST_DOMAIN: &str = "smoke.pxemesh";
@@ -63,7 +63,7 @@ async fn writes_50_hosts_with_4_clients() {
     let mut cfg = WritesConfig::new(
         Target::Pxemesh,
         vec![addr.clone()],
-        TlsFiles::in_dir(d, "admin"),
+        TlsPaths::in_dir(d, "admin"),
     );
     cfg.clients = 4;
     cfg.requests = 50;
