@@ -137,6 +137,11 @@ impl NodeHandle {
         &self.state
     }
 
+    /// Notified whenever this node applies entries (watch streams wait on it).
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+
     async fn ask<T>(
         &self,
         req: Request,

@@ -129,7 +129,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
-        .add_service(RelayServiceServer::new(RelayApi))
+        .add_service(RelayServiceServer::new(RelayApi::new(node.clone())))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let grpc = tokio::spawn(grpc);

@@ -24,6 +24,36 @@ use crate::model::{Host, Kind, Network, Record};
 use crate::storage::{decode_pair, encode_pair, KEY_APPLIED, KEY_CS};
 
 const KEY_REVISION: &[u8] = b"s:meta:revision";
+const CHANGE_PREFIX: &[u8] = b"s:chg:";
+/// Revisions of change history kept for watchers to resume from; older
+/// resume points get a fresh snapshot instead.
+pub const CHANGELOG_RETAIN: u64 = 10_000;
+
+fn change_key(revision: u64) -> Vec<u8> {
+    let mut k = CHANGE_PREFIX.to_vec();
+    k.extend_from_slice(&revision.to_be_bytes());
+    k
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeOp {
+    Put,
+    Delete,
+}
+
+/// One record changed at one revision: what watchers replay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    pub kind: Kind,
+    pub name: String,
+    pub op: ChangeOp,
+    /// The record as stored (puts only).
+    pub record: Option<Record>,
+    /// The rack the record belonged to before this change, when that differs
+    /// from its rack afterwards (a move, or a delete): watchers of the old rack
+    /// must see it go.
+    pub old_rack: Option<String>,
+}
 const PEER_PREFIX: &str = "s:peer:";
 
 fn rec_key(kind: Kind, name: &str) -> Vec<u8> {
@@ -414,6 +444,33 @@ impl State {
         Txn::new(&self.tree).records(kind)
     }
 
+    /// The changes made at `revision`, if still retained.
+    pub fn changes_at(&self, revision: u64) -> Result<Option<Vec<Change>>, CoordError> {
+        match self.tree.get(change_key(revision))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The oldest revision whose changes are retained (`revision + 1` when none is).
+    pub fn changelog_floor(&self) -> Result<u64, CoordError> {
+        let end = {
+            let mut k = CHANGE_PREFIX.to_vec();
+            k.extend_from_slice(&[0xff; 9]);
+            k
+        };
+        match self.tree.range(CHANGE_PREFIX.to_vec()..end).next() {
+            Some(kv) => {
+                let (k, _) = kv?;
+                let raw: [u8; 8] = k[CHANGE_PREFIX.len()..]
+                    .try_into()
+                    .map_err(|_| CoordError::Corrupt("changelog key".into()))?;
+                Ok(u64::from_be_bytes(raw))
+            }
+            None => Ok(self.revision()? + 1),
+        }
+    }
+
     pub fn peers(&self) -> Result<BTreeMap<u64, String>, CoordError> {
         let mut out = BTreeMap::new();
         for kv in self.tree.scan_prefix(PEER_PREFIX.as_bytes()) {
@@ -535,6 +592,7 @@ impl State {
         let next = current + 1;
         let mut results = Vec::new();
         let mut stored = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
         let verdict: Result<(), CoordError> = (|| {
             match cmd {
                 Command::Put(records) => {
@@ -569,6 +627,17 @@ impl State {
                             .map(|o| o.meta().create_revision)
                             .unwrap_or(next);
                         txn.put_record(&rec)?;
+                        let old_rack = old
+                            .as_ref()
+                            .and_then(|o| o.rack())
+                            .filter(|r| Some(*r) != rec.rack());
+                        changes.push(Change {
+                            kind: rec.kind(),
+                            name: rec.name().to_string(),
+                            op: ChangeOp::Put,
+                            record: Some(rec.clone()),
+                            old_rack: old_rack.map(str::to_string),
+                        });
                         results.push(ItemResult {
                             kind: rec.kind(),
                             name: rec.name().to_string(),
@@ -585,6 +654,13 @@ impl State {
                     Some(old) => {
                         check_delete(&mut txn, &old)?;
                         txn.del(rec_key(*kind, name));
+                        changes.push(Change {
+                            kind: *kind,
+                            name: name.clone(),
+                            op: ChangeOp::Delete,
+                            record: None,
+                            old_rack: old.rack().map(str::to_string),
+                        });
                         results.push(ItemResult {
                             kind: *kind,
                             name: name.clone(),
@@ -619,6 +695,10 @@ impl State {
             let keep = outcome.is_ok() && changed;
             if keep {
                 txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
+                txn.put(change_key(next), serde_json::to_vec(&changes)?);
+                if next > CHANGELOG_RETAIN {
+                    txn.del(change_key(next - CHANGELOG_RETAIN));
+                }
             }
             let writes = std::mem::take(&mut txn.writes);
             drop(txn);
@@ -900,6 +980,64 @@ mod tests {
         assert!(s.get(Kind::Host, "h2").unwrap().is_none());
         assert_eq!(s.revision().unwrap(), 2);
         assert_eq!(s.applied().unwrap(), (3, 1));
+    }
+
+    #[test]
+    fn changelog_records_moves_and_deletes() {
+        let (_d, s) = state();
+        let mut i = 0;
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![
+                rack("r1"),
+                rack("r2"),
+                net("n1", "r1", "10.0.0.0/24"),
+                net("n2", "r2", "10.1.0.0/24"),
+            ]),
+        )
+        .unwrap();
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        let c = s.changes_at(out.revision).unwrap().unwrap();
+        assert_eq!(
+            (c[0].kind, c[0].op, c[0].old_rack.clone()),
+            (Kind::Host, ChangeOp::Put, None)
+        );
+        // Move h1 to rack r2: the change names the old rack.
+        let mut moved = host("h1", "52:54:00:00:00:01", "10.1.0.10");
+        if let Record::Host(h) = &mut moved {
+            h.rack = "r2".into();
+            h.network = "n2".into();
+        }
+        let out = apply(&s, &mut i, Command::Put(vec![moved])).unwrap();
+        let c = s.changes_at(out.revision).unwrap().unwrap();
+        assert_eq!(c[0].old_rack.as_deref(), Some("r1"));
+        let out = apply(
+            &s,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Host,
+                name: "h1".into(),
+            },
+        )
+        .unwrap();
+        let c = s.changes_at(out.revision).unwrap().unwrap();
+        assert_eq!(
+            (c[0].op, c[0].old_rack.as_deref()),
+            (ChangeOp::Delete, Some("r2"))
+        );
+        assert!(c[0].record.is_none());
+        // Unchanged writes and rejected commands leave no history.
+        let before = s.revision().unwrap();
+        apply(&s, &mut i, Command::Put(vec![rack("r1")])).unwrap();
+        assert_eq!(s.revision().unwrap(), before);
+        assert!(s.changes_at(before + 1).unwrap().is_none());
+        assert_eq!(s.changelog_floor().unwrap(), 1);
     }
 
     #[test]

@@ -220,20 +220,76 @@ async fn mtls_rejects_strangers_and_authorizes_by_role() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
-    // Relays reach RelayService (rack from the certificate).
+    // Relays reach RelayService; the rack comes from the certificate.
+    put(&mut cluster.client(1), rack("r2")).await.unwrap();
+    put(&mut cluster.client(1), network("n2", "r2", "10.2.0.0/24"))
+        .await
+        .unwrap();
     let mut rs = pxemesh_proto::v1::relay_service_client::RelayServiceClient::new(
         pxemesh_coordinator::client::channel_lazy(&addr, relay).unwrap(),
     );
+    rs.heartbeat(pb::HeartbeatRequest {
+        version: "test".into(),
+        applied_revision: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("heartbeat");
+    // Asking for another rack is refused; the default view is the relay's own rack only.
     let err = rs
-        .heartbeat(pb::HeartbeatRequest::default())
+        .watch(pb::WatchRequest {
+            from_revision: 0,
+            rack: "r2".into(),
+        })
         .await
-        .unwrap_err();
-    assert_ne!(err.code(), tonic::Code::PermissionDenied);
-    assert!(err.message().contains("rack r1"), "{err}");
+        .err()
+        .expect("watching rack r2 with a rack r1 certificate must fail");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    wait_log(&cluster, "relay asked to watch another rack", "relay-a").await;
+    let mut stream = rs
+        .watch(pb::WatchRequest {
+            from_revision: 0,
+            rack: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let Some(pb::watch_response::Message::Snapshot(snap)) = first.message else {
+        panic!("{first:?}")
+    };
+    let names: Vec<String> = snap
+        .objects
+        .iter()
+        .filter_map(|o| match &o.record {
+            Some(pb::object::Record::Rack(r)) => Some(format!("rack/{}", r.name)),
+            Some(pb::object::Record::Network(n)) => Some(format!("network/{}", n.name)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        names,
+        vec!["rack/r1".to_string()],
+        "a relay sees only its own rack"
+    );
+    // Relay records are read through the admin API (pxemeshctl relay list).
+    let out = cluster.ctl(&["-o", "json", "relay", "list"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["items"][0]["name"], "relay-a", "{v}");
+    assert_eq!(v["items"][0]["rack"], "r1");
+    assert_eq!(v["items"][0]["state"], "ready");
 
     // Nothing the refused callers tried was written.
     let racks = list_racks(&mut cluster.client(1)).await.unwrap();
-    assert_eq!(racks.objects.len(), 1);
+    let names: Vec<String> = racks
+        .objects
+        .iter()
+        .filter_map(|o| match &o.record {
+            Some(pb::object::Record::Rack(r)) => Some(r.name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, vec!["r1".to_string(), "r2".to_string()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

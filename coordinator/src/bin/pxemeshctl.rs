@@ -106,6 +106,22 @@ enum Cmd {
     /// Boot profiles.
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Rack relays: liveness and sync lag.
+    #[command(subcommand)]
+    Relay(RelayCmd),
+}
+
+#[derive(Subcommand)]
+enum RelayCmd {
+    /// Every relay that has heartbeated: rack, last seen, lag and state.
+    List {
+        /// A relay unseen for longer is "stale"; a brief pause never flaps it.
+        #[arg(long, default_value_t = 20)]
+        stale_after: u64,
+        /// A relay unseen for longer is "offline".
+        #[arg(long, default_value_t = 120)]
+        offline_after: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -702,6 +718,82 @@ fn print_table(table: &mut Table) {
     for line in table.to_string().lines() {
         println!("{}", line.trim_end());
     }
+}
+
+/// A relay's state from how long ago it was last seen.
+fn relay_state(age_ms: u64, stale_after: u64, offline_after: u64) -> &'static str {
+    if age_ms > offline_after * 1000 {
+        "offline"
+    } else if age_ms > stale_after * 1000 {
+        "stale"
+    } else {
+        "ready"
+    }
+}
+
+async fn relay_list(ctl: &Ctl, stale_after: u64, offline_after: u64) -> Result<()> {
+    let msg = ListRequest {
+        kind: Kind::Relay as i32,
+        rack: String::new(),
+        consistency: Consistency::Linearizable as i32,
+    };
+    let resp = ctl
+        .call(msg, |mut c, r| async move { c.list(r).await })
+        .await?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let rows: Vec<(pxemesh_proto::v1::RelayRecord, u64, u64, &str)> = resp
+        .objects
+        .into_iter()
+        .filter_map(|o| match o.record {
+            Some(Record::Relay(r)) => Some(r),
+            _ => None,
+        })
+        .map(|r| {
+            let age = now.saturating_sub(r.last_seen_unix_ms);
+            let lag = resp.revision.saturating_sub(r.applied_revision);
+            let state = relay_state(age, stale_after, offline_after);
+            (r, age, lag, state)
+        })
+        .collect();
+    if ctl.output == Output::Json {
+        let items: Vec<Value> = rows
+            .iter()
+            .map(|(r, age, lag, state)| {
+                json!({
+                    "name": r.name, "rack": r.rack, "version": r.version,
+                    "last_seen_unix_ms": r.last_seen_unix_ms, "seconds_since_seen": age / 1000,
+                    "applied_revision": r.applied_revision, "lag": lag, "state": state,
+                    "uptime_seconds": r.uptime_seconds,
+                })
+            })
+            .collect();
+        return print_json(&json!({ "items": items, "revision": resp.revision }));
+    }
+    let mut table = new_table(&[
+        "NAME",
+        "RACK",
+        "VERSION",
+        "LAST SEEN",
+        "APPLIED",
+        "LAG",
+        "STATE",
+    ]);
+    for (r, age, lag, state) in &rows {
+        table.add_row(vec![
+            r.name.clone(),
+            r.rack.clone(),
+            r.version.clone(),
+            format!("{}s ago", age / 1000),
+            r.applied_revision.to_string(),
+            lag.to_string(),
+            state.to_string(),
+        ]);
+    }
+    print_table(&mut table);
+    Ok(())
 }
 
 fn print_json(value: &Value) -> Result<()> {
@@ -1328,6 +1420,10 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Host(HostCmd::Common(c)) => common(&ctl, Noun::Host, c).await,
         Cmd::Profile(ProfileCmd::Put(p)) => put(&ctl, (*p).into_record()).await,
         Cmd::Profile(ProfileCmd::Common(c)) => common(&ctl, Noun::Profile, c).await,
+        Cmd::Relay(RelayCmd::List {
+            stale_after,
+            offline_after,
+        }) => relay_list(&ctl, stale_after, offline_after).await,
     }
 }
 
