@@ -85,6 +85,13 @@ pub enum Command {
         kind: Kind,
         name: String,
     },
+    /// Boot events reported by one relay; events at or below the relay's
+    /// acknowledged sequence are duplicates of an earlier delivery and dropped.
+    BootEvents {
+        rack: String,
+        relay: String,
+        events: Vec<EventIn>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +130,69 @@ pub struct ApplyOutcome {
     pub results: Vec<ItemResult>,
     /// Records as stored (for Put responses).
     pub records: Vec<Record>,
+    /// BootEvents: the relay's highest sequence now stored.
+    #[serde(default)]
+    pub acked_sequence: u64,
+}
+
+/// A boot event as a relay reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventIn {
+    pub mac: String,
+    pub kind: String,
+    pub detail: String,
+    pub unix_ms: u64,
+    pub sequence: u64,
+}
+
+/// A boot event as the coordinators keep it. Events are history, not desired
+/// state: storing them does not bump the revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub id: u64,
+    pub mac: String,
+    pub host: String,
+    pub rack: String,
+    pub relay: String,
+    pub kind: String,
+    pub detail: String,
+    pub unix_ms: u64,
+}
+
+/// Events kept cluster-wide; older ones are dropped as new ones arrive.
+pub const EVENTS_RETAIN: u64 = 100_000;
+const EVT_NEXT: &[u8] = b"s:evt:next";
+const EVT_ID_PREFIX: &[u8] = b"s:evt:id:";
+
+fn evt_id_key(id: u64) -> Vec<u8> {
+    let mut k = EVT_ID_PREFIX.to_vec();
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn evt_mac_prefix(mac: &str) -> Vec<u8> {
+    format!("s:evt:mac:{mac}:").into_bytes()
+}
+
+fn evt_mac_key(mac: &str, id: u64) -> Vec<u8> {
+    let mut k = evt_mac_prefix(mac);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn evt_ack_key(rack: &str, relay: &str) -> Vec<u8> {
+    format!("s:evt:ack:{rack}/{relay}").into_bytes()
+}
+
+fn read_u64(v: Option<Vec<u8>>) -> Result<u64, CoordError> {
+    match v {
+        Some(v) => Ok(u64::from_be_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| CoordError::Corrupt("counter".into()))?,
+        )),
+        None => Ok(0),
+    }
 }
 
 /// Pending writes of one command over the tree (read-your-writes within the command).
@@ -444,6 +514,33 @@ impl State {
         Txn::new(&self.tree).records(kind)
     }
 
+    /// Stored boot events with an id above `after`, optionally of one MAC, oldest first.
+    pub fn events(
+        &self,
+        mac: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, CoordError> {
+        let (prefix, start) = match mac {
+            Some(m) => (evt_mac_prefix(m), evt_mac_key(m, after.saturating_add(1))),
+            None => (EVT_ID_PREFIX.to_vec(), evt_id_key(after.saturating_add(1))),
+        };
+        let mut out = Vec::new();
+        for kv in self.tree.range(start..) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(serde_json::from_slice(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// The highest event id stored so far (0 when none).
+    pub fn last_event_id(&self) -> Result<u64, CoordError> {
+        Ok(read_u64(self.tree.get(EVT_NEXT)?.map(|v| v.to_vec()))?.saturating_sub(1))
+    }
+
     /// The changes made at `revision`, if still retained.
     pub fn changes_at(&self, revision: u64) -> Result<Option<Vec<Change>>, CoordError> {
         match self.tree.get(change_key(revision))? {
@@ -593,6 +690,7 @@ impl State {
         let mut results = Vec::new();
         let mut stored = Vec::new();
         let mut changes: Vec<Change> = Vec::new();
+        let mut acked_sequence = 0u64;
         let verdict: Result<(), CoordError> = (|| {
             match cmd {
                 Command::Put(records) => {
@@ -673,6 +771,51 @@ impl State {
                         outcome: Outcome::NotFound,
                     }),
                 },
+                Command::BootEvents {
+                    rack,
+                    relay,
+                    events,
+                } => {
+                    let ack_key = evt_ack_key(rack, relay);
+                    let mut acked = read_u64(txn.get(&ack_key)?)?;
+                    let mut next_id = read_u64(txn.get(EVT_NEXT)?)?.max(1);
+                    for ev in events {
+                        if ev.sequence <= acked {
+                            continue;
+                        }
+                        let host = txn
+                            .get(format!("s:idx:mac:{}", ev.mac).as_bytes())?
+                            .map(|v| String::from_utf8_lossy(&v).into_owned())
+                            .unwrap_or_default();
+                        let stored = StoredEvent {
+                            id: next_id,
+                            mac: ev.mac.clone(),
+                            host,
+                            rack: rack.clone(),
+                            relay: relay.clone(),
+                            kind: ev.kind.clone(),
+                            detail: ev.detail.clone(),
+                            unix_ms: ev.unix_ms,
+                        };
+                        let bytes = serde_json::to_vec(&stored)?;
+                        txn.put(evt_id_key(next_id), bytes.clone());
+                        txn.put(evt_mac_key(&ev.mac, next_id), bytes);
+                        if next_id > EVENTS_RETAIN {
+                            let old = next_id - EVENTS_RETAIN;
+                            if let Some(v) = txn.get(&evt_id_key(old))? {
+                                if let Ok(o) = serde_json::from_slice::<StoredEvent>(&v) {
+                                    txn.del(evt_mac_key(&o.mac, old));
+                                }
+                                txn.del(evt_id_key(old));
+                            }
+                        }
+                        next_id += 1;
+                        acked = ev.sequence;
+                    }
+                    txn.put(ack_key, acked.to_be_bytes().to_vec());
+                    txn.put(EVT_NEXT.to_vec(), next_id.to_be_bytes().to_vec());
+                    acked_sequence = acked;
+                }
             }
             Ok(())
         })();
@@ -687,12 +830,15 @@ impl State {
                 revision: if changed { next } else { current },
                 results,
                 records: stored,
+                acked_sequence,
             }),
             Err(CoordError::State(e)) => Err(e),
             Err(other) => return Err(other),
         };
         if let Some((index, term)) = commit {
             let keep = outcome.is_ok() && changed;
+            // Events are history, not desired state: stored without a revision.
+            let history = outcome.is_ok() && matches!(cmd, Command::BootEvents { .. });
             if keep {
                 txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
                 txn.put(change_key(next), serde_json::to_vec(&changes)?);
@@ -702,7 +848,7 @@ impl State {
             }
             let writes = std::mem::take(&mut txn.writes);
             drop(txn);
-            if keep {
+            if keep || history {
                 pending.writes.extend(writes);
             }
             self.mark_applied_in(pending, index, term);
@@ -1038,6 +1184,73 @@ mod tests {
         assert_eq!(s.revision().unwrap(), before);
         assert!(s.changes_at(before + 1).unwrap().is_none());
         assert_eq!(s.changelog_floor().unwrap(), 1);
+    }
+
+    #[test]
+    fn boot_events_are_stored_once_per_relay_sequence() {
+        let (_d, s) = state();
+        let mut i = 0;
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.10")]),
+        )
+        .unwrap();
+        let rev = s.revision().unwrap();
+        let ev = |seq: u64, kind: &str| EventIn {
+            mac: "52:54:00:00:00:01".into(),
+            kind: kind.into(),
+            detail: String::new(),
+            unix_ms: seq,
+            sequence: seq,
+        };
+        let batch = |events| Command::BootEvents {
+            rack: "r1".into(),
+            relay: "ra".into(),
+            events,
+        };
+        let out = apply(
+            &s,
+            &mut i,
+            batch(vec![ev(1, "dhcp-offer"), ev(2, "dhcp-ack")]),
+        )
+        .unwrap();
+        assert_eq!(out.acked_sequence, 2);
+        // Redelivery after a lost ack: only the new event is stored.
+        let out = apply(
+            &s,
+            &mut i,
+            batch(vec![ev(2, "dhcp-ack"), ev(3, "http-file")]),
+        )
+        .unwrap();
+        assert_eq!(out.acked_sequence, 3);
+        let all = s.events(Some("52:54:00:00:00:01"), 0, 100).unwrap();
+        assert_eq!(
+            all.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+            vec!["dhcp-offer", "dhcp-ack", "http-file"]
+        );
+        assert_eq!(all[0].host, "h1");
+        assert_eq!(s.events(None, 2, 100).unwrap().len(), 1);
+        assert_eq!(s.last_event_id().unwrap(), 3);
+        assert_eq!(
+            s.revision().unwrap(),
+            rev,
+            "events do not bump the revision"
+        );
+        // Another relay has its own sequence space.
+        let other = Command::BootEvents {
+            rack: "r1".into(),
+            relay: "rb".into(),
+            events: vec![ev(1, "dhcp-ack")],
+        };
+        assert_eq!(apply(&s, &mut i, other).unwrap().acked_sequence, 1);
+        assert_eq!(s.events(None, 0, 100).unwrap().len(), 4);
     }
 
     #[test]

@@ -182,3 +182,118 @@ async fn relay_watch_is_scoped_live_and_resumes_on_another_node() {
     assert_eq!(ev.name, "a3");
     assert!(ev.revision > last);
 }
+
+fn boot_event(mac: &str, kind: &str, seq: u64) -> pb::BootEvent {
+    pb::BootEvent {
+        host_mac: mac.into(),
+        kind: kind.into(),
+        detail: format!("d{seq}"),
+        unix_ms: 1_000 * seq,
+        sequence: seq,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn boot_events_are_stored_once_and_shown_in_the_host_timeline() {
+    let cluster = Cluster::new(1);
+    cluster.wait_leader(&[1], Duration::from_secs(10)).await;
+    let mut admin = cluster.client(1);
+    seed(&mut admin).await;
+    put(&mut admin, host(7)).await.unwrap();
+    let mac = "52:54:00:00:00:07";
+    let relay = cluster.pki.tls(
+        Role::Relay {
+            rack: "r1".into(),
+            name: "ra".into(),
+        },
+        "relay-r1-ra",
+    );
+    let mut rs = RelayServiceClient::new(
+        pxemesh_coordinator::client::channel_lazy(&cluster.addr(1), relay).unwrap(),
+    );
+
+    // `events watch` started first sees what arrives afterwards.
+    let dir = cluster.dir().to_path_buf();
+    let endpoints = cluster.endpoints();
+    let watcher = std::thread::spawn(move || {
+        std::process::Command::new(ctl_bin())
+            .args([
+                "--endpoints",
+                &endpoints,
+                "--tls-dir",
+                dir.to_str().unwrap(),
+                "-o",
+                "json",
+                "events",
+                "watch",
+                "--count",
+                "3",
+            ])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let acked = rs
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![
+                boot_event(mac, "dhcp-offer", 1),
+                boot_event(mac, "dhcp-ack", 2),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .acked_sequence;
+    assert_eq!(acked, 2);
+    // The relay did not get that ack (say) and sends again, with one new event.
+    let acked = rs
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![
+                boot_event(mac, "dhcp-ack", 2),
+                boot_event(mac, "http-file", 3),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .acked_sequence;
+    assert_eq!(acked, 3);
+    // Garbage is refused, not stored.
+    let err = rs
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![boot_event("not-a-mac", "dhcp-ack", 4)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let out = cluster.ctl(&["-o", "json", "host", "get", "h7"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        vec!["dhcp-offer", "dhcp-ack", "http-file"],
+        "each event exactly once: {v}"
+    );
+    assert_eq!(v["events"][0]["relay"], "ra");
+
+    let watched = watcher.join().unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        3,
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    assert_eq!(lines[2]["kind"], "http-file");
+    assert_eq!(lines[0]["host"], "h7");
+}

@@ -102,8 +102,88 @@ impl AdminApi {
     }
 }
 
+pub fn event_to_proto(e: &crate::state::StoredEvent) -> pb::HostEvent {
+    pb::HostEvent {
+        id: e.id,
+        mac: e.mac.clone(),
+        host: e.host.clone(),
+        rack: e.rack.clone(),
+        relay: e.relay.clone(),
+        kind: e.kind.clone(),
+        detail: e.detail.clone(),
+        unix_ms: e.unix_ms,
+    }
+}
+
+type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::HostEvent, Status>> + Send + 'static>>;
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    type WatchEventsStream = EventStream;
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let r = req.into_inner();
+        self.barrier(r.consistency).await?;
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(1000) as usize,
+        };
+        let mac = (!r.mac.is_empty()).then_some(r.mac.as_str());
+        let events = self.node.state().events(mac, r.after_id, limit)?;
+        Ok(Response::new(pb::ListEventsResponse {
+            events: events.iter().map(event_to_proto).collect(),
+        }))
+    }
+
+    async fn watch_events(
+        &self,
+        req: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let r = req.into_inner();
+        let node = self.node.clone();
+        let state = node.state().clone();
+        let mut last = if r.after_id == 0 {
+            state.last_event_id()?
+        } else {
+            r.after_id
+        };
+        let mac = (!r.mac.is_empty()).then_some(r.mac);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut applied = node.applied_watch();
+            loop {
+                let batch = match state.events(mac.as_deref(), last, 500) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                let full = batch.len() == 500;
+                for e in &batch {
+                    last = e.id;
+                    if tx.send(Ok(event_to_proto(e))).await.is_err() {
+                        return;
+                    }
+                }
+                if full {
+                    continue;
+                }
+                tokio::select! {
+                    r = applied.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn cluster_status(
         &self,
         _req: Request<pb::ClusterStatusRequest>,

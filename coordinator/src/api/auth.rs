@@ -56,7 +56,7 @@ pub fn need_for(path: &str) -> Need {
             Need::AnyIdentity
         }
         "pxemesh.v1.AdminService" => match method {
-            "ClusterStatus" | "Get" | "List" => Need::AdminRead,
+            "ClusterStatus" | "Get" | "List" | "ListEvents" | "WatchEvents" => Need::AdminRead,
             _ => Need::AdminWrite,
         },
         "pxemesh.v1.RelayService" => Need::Relay,

@@ -314,11 +314,68 @@ impl RelayService for RelayApi {
     ) -> Result<Response<pb::ReportJobResponse>, Status> {
         Err(not_yet(&req, "ReportJob"))
     }
+    /// Exactly-once from the operator's view: the relay resends until acked;
+    /// the state machine drops sequences at or below the relay's high-water mark.
     async fn report_boot_events(
         &self,
         req: Request<pb::ReportBootEventsRequest>,
     ) -> Result<Response<pb::ReportBootEventsResponse>, Status> {
-        Err(not_yet(&req, "ReportBootEvents"))
+        let (rack, relay) = rack_of(&req)?;
+        let r = req.into_inner();
+        if r.events.len() > 1000 {
+            return Err(Status::invalid_argument("at most 1000 events per report"));
+        }
+        const KINDS: [&str; 5] = [
+            "dhcp-offer",
+            "dhcp-ack",
+            "tftp-file",
+            "http-file",
+            "provision-done",
+        ];
+        let mut events = Vec::with_capacity(r.events.len());
+        let mut prev = 0;
+        for e in r.events {
+            if e.host_mac != "-" && e.host_mac.parse::<crate::model::Mac>().is_err() {
+                return Err(Status::invalid_argument(format!(
+                    "event {}: malformed MAC {:?}",
+                    e.sequence, e.host_mac
+                )));
+            }
+            if !KINDS.contains(&e.kind.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "event {}: unknown kind {:?}",
+                    e.sequence, e.kind
+                )));
+            }
+            if e.sequence <= prev {
+                return Err(Status::invalid_argument(
+                    "event sequence numbers must increase within a report",
+                ));
+            }
+            prev = e.sequence;
+            let mac = match e.host_mac.parse::<crate::model::Mac>() {
+                Ok(m) => m.to_string(),
+                Err(_) => "-".to_string(),
+            };
+            events.push(crate::state::EventIn {
+                mac,
+                kind: e.kind,
+                detail: e.detail.chars().take(512).collect(),
+                unix_ms: e.unix_ms,
+                sequence: e.sequence,
+            });
+        }
+        let out = self
+            .node
+            .propose(&Command::BootEvents {
+                rack,
+                relay,
+                events,
+            })
+            .await?;
+        Ok(Response::new(pb::ReportBootEventsResponse {
+            acked_sequence: out.acked_sequence,
+        }))
     }
     async fn fetch_blob(
         &self,

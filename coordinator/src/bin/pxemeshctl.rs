@@ -24,6 +24,7 @@ use pxemesh_proto::v1::{
     Consistency, DeleteRequest, GetRequest, Host, Kind, ListRequest, Member, Network, Object,
     Outcome, PutRequest, Rack, RemoveMemberRequest, TransferLeaderRequest,
 };
+use pxemesh_proto::v1::{HostEvent, ListEventsRequest, WatchEventsRequest};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
@@ -109,6 +110,35 @@ enum Cmd {
     /// Rack relays: liveness and sync lag.
     #[command(subcommand)]
     Relay(RelayCmd),
+    /// Boot events reported by the relays.
+    #[command(subcommand)]
+    Events(EventsCmd),
+}
+
+#[derive(Subcommand)]
+enum EventsCmd {
+    /// Recent events, oldest first.
+    List {
+        /// Only this host's events (MAC).
+        #[arg(long)]
+        mac: Option<String>,
+        /// Only events after this id.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Stream events as relays report them (Ctrl-C to stop).
+    Watch {
+        #[arg(long)]
+        mac: Option<String>,
+        /// Start after this event id (default: only new events).
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -720,6 +750,100 @@ fn print_table(table: &mut Table) {
     }
 }
 
+async fn host_timeline(ctl: &Ctl, mac: &str) -> Result<Vec<HostEvent>> {
+    // The newest 20, shown oldest first.
+    let msg = ListEventsRequest {
+        mac: mac.to_string(),
+        after_id: 0,
+        limit: 1000,
+        consistency: 0,
+    };
+    let mut events = ctl
+        .call(msg, |mut c, r| async move { c.list_events(r).await })
+        .await?
+        .events;
+    let skip = events.len().saturating_sub(20);
+    Ok(events.split_off(skip))
+}
+
+fn event_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", unix_ms % 1000)
+}
+
+fn event_json(e: &HostEvent) -> Value {
+    json!({
+        "id": e.id, "mac": e.mac, "host": e.host, "rack": e.rack, "relay": e.relay,
+        "kind": e.kind, "detail": e.detail, "unix_ms": e.unix_ms,
+    })
+}
+
+fn events_table(events: &[HostEvent]) -> Table {
+    let mut table = new_table(&["ID", "TIME (UTC)", "HOST", "MAC", "KIND", "DETAIL", "RELAY"]);
+    for e in events {
+        table.add_row(vec![
+            e.id.to_string(),
+            event_time(e.unix_ms),
+            e.host.clone(),
+            e.mac.clone(),
+            e.kind.clone(),
+            e.detail.clone(),
+            format!("{}/{}", e.rack, e.relay),
+        ]);
+    }
+    table
+}
+
+fn print_events(ctl: &Ctl, events: &[HostEvent]) -> Result<()> {
+    match ctl.output {
+        Output::Json => {
+            print_json(&json!({ "events": events.iter().map(event_json).collect::<Vec<_>>() }))
+        }
+        Output::Table => {
+            print_table(&mut events_table(events));
+            Ok(())
+        }
+    }
+}
+
+async fn events_watch(
+    ctl: &Ctl,
+    mac: Option<String>,
+    after: u64,
+    count: Option<u64>,
+) -> Result<()> {
+    let (endpoint, channel) = client::first_reachable(&ctl.endpoints, ctl.tls.clone()).await?;
+    let mut stream = AdminServiceClient::new(channel)
+        .watch_events(WatchEventsRequest {
+            after_id: after,
+            mac: mac.unwrap_or_default(),
+        })
+        .await
+        .with_context(|| format!("watching events on {endpoint}"))?
+        .into_inner();
+    let mut seen = 0u64;
+    while let Some(e) = stream.message().await? {
+        match ctl.output {
+            Output::Json => println!("{}", event_json(&e)),
+            Output::Table => println!(
+                "{} {} {} {} {} {}",
+                e.id,
+                event_time(e.unix_ms),
+                if e.host.is_empty() { "-" } else { &e.host },
+                e.mac,
+                e.kind,
+                e.detail
+            ),
+        }
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// A relay's state from how long ago it was last seen.
 fn relay_state(age_ms: u64, stale_after: u64, offline_after: u64) -> &'static str {
     if age_ms > offline_after * 1000 {
@@ -1137,14 +1261,32 @@ async fn common(ctl: &Ctl, noun: Noun, cmd: CommonCmd) -> Result<()> {
                 .object
                 .and_then(|o| o.record)
                 .ok_or_else(|| Status::not_found(format!("{} {name} not found", noun.word())))?;
+            // A host's recent boot timeline comes with it.
+            let timeline = match &record {
+                Record::Host(h) => Some(host_timeline(ctl, &h.mac).await?),
+                _ => None,
+            };
             match ctl.output {
-                Output::Json => print_json(&record_json(&record))?,
+                Output::Json => {
+                    let mut v = record_json(&record);
+                    if let (Some(events), Value::Object(map)) = (&timeline, &mut v) {
+                        map.insert(
+                            "events".into(),
+                            Value::Array(events.iter().map(event_json).collect()),
+                        );
+                    }
+                    print_json(&v)?
+                }
                 Output::Table => {
                     let mut table = new_table(&["FIELD", "VALUE"]);
                     for (k, v) in record_details(&record) {
                         table.add_row(vec![k.to_string(), v]);
                     }
                     print_table(&mut table);
+                    if let Some(events) = timeline.filter(|e| !e.is_empty()) {
+                        println!();
+                        print_table(&mut events_table(&events));
+                    }
                 }
             }
         }
@@ -1424,6 +1566,21 @@ async fn run(cli: Cli) -> Result<()> {
             stale_after,
             offline_after,
         }) => relay_list(&ctl, stale_after, offline_after).await,
+        Cmd::Events(EventsCmd::List { mac, after, limit }) => {
+            let msg = ListEventsRequest {
+                mac: mac.unwrap_or_default(),
+                after_id: after,
+                limit,
+                consistency: 0,
+            };
+            let resp = ctl
+                .call(msg, |mut c, r| async move { c.list_events(r).await })
+                .await?;
+            print_events(&ctl, &resp.events)
+        }
+        Cmd::Events(EventsCmd::Watch { mac, after, count }) => {
+            events_watch(&ctl, mac, after, count).await
+        }
     }
 }
 
