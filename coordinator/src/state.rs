@@ -336,6 +336,23 @@ fn check_put(txn: &mut Txn, rec: &Record, old: Option<&Record>) -> Result<(), Co
         Record::Relay(r) => require(txn, Kind::Rack, &r.rack, &format!("relay {}", r.name)),
         Record::Network(n) => {
             require(txn, Kind::Rack, &n.rack, &format!("network {}", n.name))?;
+            // A relay picks the network of a request by address; overlapping
+            // subnets in one rack would make that ambiguous.
+            for other in txn.records(Kind::Network)? {
+                if let Record::Network(o) = other {
+                    if o.name != n.name
+                        && o.rack == n.rack
+                        && (o.subnet.contains(&n.subnet.network())
+                            || n.subnet.contains(&o.subnet.network()))
+                    {
+                        return Err(StateError::Conflict(format!(
+                            "network {} ({}) overlaps network {} ({}) in rack {}",
+                            n.name, n.subnet, o.name, o.subnet, n.rack
+                        ))
+                        .into());
+                    }
+                }
+            }
             if let Some(Record::Network(prev)) = old {
                 let hosts = hosts_in_network(txn, &n.name)?;
                 if prev.rack != n.rack && !hosts.is_empty() {
@@ -1251,6 +1268,38 @@ mod tests {
         };
         assert_eq!(apply(&s, &mut i, other).unwrap().acked_sequence, 1);
         assert_eq!(s.events(None, 0, 100).unwrap().len(), 4);
+    }
+
+    #[test]
+    fn overlapping_networks_in_one_rack_are_refused() {
+        let (_d, s) = state();
+        let mut i = 0;
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![rack("r1"), rack("r2"), net("n1", "r1", "10.0.0.0/16")]),
+        )
+        .unwrap();
+        let err = apply(
+            &s,
+            &mut i,
+            Command::Put(vec![net("n2", "r1", "10.0.5.0/24")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overlaps network n1"), "{err}");
+        // Another rack may reuse the range (separate L2 domains), and n1 may be updated in place.
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![net("n3", "r2", "10.0.5.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![net("n1", "r1", "10.0.0.0/15")]),
+        )
+        .unwrap();
     }
 
     #[test]

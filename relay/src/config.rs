@@ -119,15 +119,41 @@ impl Default for BootConfig {
     }
 }
 
+/// Sync mode: the coordinators to watch the rack from, and this relay's
+/// mTLS identity (`spiffe://<td>/relay/<rack>/<name>`; the certificate, not
+/// this file, decides the rack).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorsConfig {
+    /// `host:port` (or `https://host:port`) of each coordinator; tried in
+    /// order, round-robin on failure.
+    pub endpoints: Vec<String>,
+    /// CA bundle, relay certificate and its private key (PEM).
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Heartbeat period; a coordinator may ask for another one.
+    #[serde(default = "default_heartbeat_seconds")]
+    pub heartbeat_seconds: u64,
+}
+
+fn default_heartbeat_seconds() -> u64 {
+    5
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelayConfig {
-    /// This relay's name (with the sync work it must match its certificate).
+    /// This relay's name; in sync mode it must match the certificate's.
     pub name: String,
     pub data_dir: PathBuf,
     /// Static mode: serve the rack described in this TOML/JSON file.
     #[serde(default)]
     pub static_state: Option<PathBuf>,
+    /// Sync mode: follow the rack's state from the coordinators (exactly one
+    /// of `static_state` and `[coordinators]` is set).
+    #[serde(default)]
+    pub coordinators: Option<CoordinatorsConfig>,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
     #[serde(default)]
@@ -159,8 +185,31 @@ impl RelayConfig {
 
     pub fn validate(&self) -> Result<(), RelayError> {
         let bad = |m: String| Err(RelayError::Config(m));
-        if self.static_state.is_none() {
-            return bad("static_state must name the rack file (coordinator sync is not available in this version)".into());
+        match (&self.static_state, &self.coordinators) {
+            (Some(_), Some(_)) => {
+                return bad("set either static_state (static mode: serve a rack file) or [coordinators] (sync mode), not both".into());
+            }
+            (None, None) => {
+                return bad("set static_state (static mode: the rack file to serve) or a [coordinators] section (sync mode: endpoints, ca, cert, key)".into());
+            }
+            (None, Some(c)) => {
+                if c.endpoints.is_empty() {
+                    return bad(
+                        "[coordinators] endpoints must list at least one coordinator (host:port)"
+                            .into(),
+                    );
+                }
+                if let Some(e) = c.endpoints.iter().find(|e| {
+                    let e = e.trim();
+                    e.is_empty() || !e.contains(':') || e.contains(char::is_whitespace)
+                }) {
+                    return bad(format!("[coordinators] endpoint {e:?} is not host:port"));
+                }
+                if !(1..=3600).contains(&c.heartbeat_seconds) {
+                    return bad("[coordinators] heartbeat_seconds must be 1-3600".into());
+                }
+            }
+            (Some(_), None) => {}
         }
         if self.dhcp.enabled && self.interfaces.is_empty() {
             return bad("DHCP needs at least one [[interfaces]] entry".into());
@@ -205,6 +254,68 @@ mod tests {
         let net = s.network("r12-prov").unwrap();
         assert_eq!(c.address_for(net), Some("10.20.0.2".parse().unwrap()));
         assert_eq!(s.hosts().len(), 1);
+    }
+
+    /// The example's commented `[coordinators]` block, switched on instead of
+    /// `static_state`, is a valid sync-mode configuration.
+    #[test]
+    fn shipped_example_in_sync_mode_is_valid() {
+        let text = include_str!("../../deploy/relay.example.toml");
+        let mut out = String::new();
+        let mut in_block = false;
+        for line in text.lines() {
+            if line.starts_with("static_state") {
+                continue;
+            }
+            if line == "# [coordinators]" {
+                in_block = true;
+            } else if !line.starts_with("# ") {
+                in_block = false;
+            }
+            if in_block {
+                out.push_str(&line[2..]);
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        let c = RelayConfig::from_toml(&out).unwrap();
+        c.validate().unwrap();
+        let co = c.coordinators.unwrap();
+        assert_eq!(co.endpoints.len(), 3);
+        assert_eq!(co.heartbeat_seconds, 5);
+        assert!(c.static_state.is_none());
+    }
+
+    #[test]
+    fn exactly_one_source_of_state() {
+        let head = "name = \"r\"\ndata_dir = \"/tmp/x\"\n";
+        let iface = "[[interfaces]]\nname=\"lo\"\naddress=\"127.0.0.1\"\n";
+        let coord = "[coordinators]\nendpoints = [\"127.0.0.1:7000\"]\nca = \"/c\"\ncert = \"/r.pem\"\nkey = \"/r-key.pem\"\n";
+        let err = |t: &str| {
+            RelayConfig::from_toml(t)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&format!("{head}{iface}")).contains("set static_state"));
+        let both = format!("{head}static_state = \"/tmp/r.toml\"\n{iface}{coord}");
+        assert!(err(&both).contains("not both"), "{}", err(&both));
+        let sync = RelayConfig::from_toml(&format!("{head}{iface}{coord}")).unwrap();
+        sync.validate().unwrap();
+        assert_eq!(sync.coordinators.as_ref().unwrap().heartbeat_seconds, 5);
+        let none = format!("{head}{iface}{}", coord.replace("\"127.0.0.1:7000\"", ""));
+        assert!(err(&none).contains("at least one"));
+        let bad_ep = format!("{head}{iface}{}", coord.replace("127.0.0.1:7000", "coord"));
+        assert!(err(&bad_ep).contains("not host:port"));
+        let hb = format!("{head}{iface}{coord}heartbeat_seconds = 0\n");
+        assert!(err(&hb).contains("heartbeat_seconds"));
+        let typo = format!("{head}{iface}{coord}endpoint = []\n");
+        assert!(RelayConfig::from_toml(&typo)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field"));
     }
 
     #[test]

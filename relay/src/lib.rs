@@ -1,5 +1,6 @@
 //! pxemesh relay library: DHCP, TFTP and HTTP boot for one rack, served from
-//! the rack's local state.
+//! the rack's local state (a static file, or a persisted copy kept in sync
+//! with the coordinators).
 
 pub mod boot;
 pub mod config;
@@ -11,4 +12,6 @@ pub mod http;
 pub mod metrics;
 pub mod server;
 pub mod state;
+pub mod store;
+pub mod sync;
 pub mod tftp;

@@ -18,7 +18,8 @@ struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "PXEMESH_RELAY_CONFIG")]
     config: PathBuf,
-    /// Override static_state (the rack file served in static mode).
+    /// Override static_state (the rack file served in static mode; a
+    /// configuration with a [coordinators] section is refused with it).
     #[arg(long)]
     static_state: Option<PathBuf>,
     /// Log filter (RUST_LOG syntax).

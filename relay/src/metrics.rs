@@ -44,6 +44,16 @@ pub struct RelayMetrics {
     pub http_requests: Family<HttpLabels, Counter>,
     pub http_bytes: Counter,
     pub boot_events: Family<KindLabels, Counter>,
+    /// Sync mode: full snapshots applied.
+    pub sync_snapshots: Counter,
+    /// Sync mode: watch events (puts and deletes) applied.
+    pub sync_events: Counter,
+    /// Sync mode: watch streams re-opened after a failure or an end.
+    pub sync_reconnects: Counter,
+    /// Sync mode: heartbeats that failed.
+    pub sync_heartbeat_failures: Counter,
+    /// Sync mode: the cluster revision the persisted rack copy reflects.
+    pub sync_revision: Gauge,
 }
 
 fn latency() -> Histogram {
@@ -66,6 +76,11 @@ impl RelayMetrics {
             http_requests: Family::default(),
             http_bytes: Counter::default(),
             boot_events: Family::default(),
+            sync_snapshots: Counter::default(),
+            sync_events: Counter::default(),
+            sync_reconnects: Counter::default(),
+            sync_heartbeat_failures: Counter::default(),
+            sync_revision: Gauge::default(),
         };
         r.register(
             "dhcp_messages",
@@ -113,6 +128,31 @@ impl RelayMetrics {
             m.http_bytes.clone(),
         );
         r.register("boot_events", "Boot events by kind", m.boot_events.clone());
+        r.register(
+            "sync_snapshots",
+            "Rack snapshots applied from the coordinators",
+            m.sync_snapshots.clone(),
+        );
+        r.register(
+            "sync_events",
+            "Rack watch events applied",
+            m.sync_events.clone(),
+        );
+        r.register(
+            "sync_reconnects",
+            "Watch streams re-opened",
+            m.sync_reconnects.clone(),
+        );
+        r.register(
+            "sync_heartbeat_failures",
+            "Heartbeats to coordinators that failed",
+            m.sync_heartbeat_failures.clone(),
+        );
+        r.register(
+            "sync_revision",
+            "Cluster revision of the persisted rack state",
+            m.sync_revision.clone(),
+        );
         RelayMetrics { registry: r, ..m }
     }
 

@@ -1,21 +1,29 @@
 //! Wiring: `run(config, listeners, shutdown)` loads the rack state and serves
 //! DHCP, TFTP, HTTP and metrics on already-bound sockets until `shutdown`.
+//!
+//! The rack state comes from a static file (static mode) or, in sync mode,
+//! from the persisted copy of the coordinators' state: loaded first, served at
+//! once, then kept current by `sync::run` in the background.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use pxemesh_certs::{Role, Tls, TlsPaths};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::boot::LoaderTracker;
-use crate::config::{Interface, RelayConfig};
+use crate::config::{CoordinatorsConfig, Interface, RelayConfig};
 use crate::dhcp::{self, DhcpContext, Leases};
 use crate::error::RelayError;
 use crate::events::EventLog;
 use crate::http::{self, HttpContext};
 use crate::metrics::RelayMetrics;
-use crate::state::{self, RackState};
+use crate::state::{self, RackState, SharedState};
+use crate::store::RackStore;
+use crate::sync::{self, SyncContext};
 use crate::tftp::{self, TftpContext};
 
 /// Sockets bound by the caller (the binary, or a test on port 0).
@@ -28,6 +36,8 @@ pub struct RelayListeners {
 }
 
 const DRAIN: Duration = Duration::from_secs(5);
+/// How often the TLS files are checked for a rotation (SIGHUP reloads at once).
+const TLS_RELOAD_CHECK: Duration = Duration::from_secs(10);
 
 pub async fn run(
     config: RelayConfig,
@@ -42,40 +52,25 @@ pub async fn run(
         .open()?;
     let metrics = Arc::new(RelayMetrics::new());
     let events = Arc::new(EventLog::open(&db, metrics.clone())?);
-    let static_path = config
-        .static_state
-        .clone()
-        .ok_or_else(|| RelayError::Config("static_state is required".into()))?;
-    let rack = RackState::from_static_file(&static_path)?;
-    info!(rack = %rack.rack, networks = rack.networks().len(), hosts = rack.hosts().len(), file = %static_path.display(), "loaded rack state");
-    let state = state::shared(rack);
     let loaders = Arc::new(LoaderTracker::default());
     let tracker = TaskTracker::new();
-
-    // SIGHUP re-reads the static rack file; a bad file keeps the old state.
-    {
-        let state = state.clone();
-        let path = static_path.clone();
-        let sd = shutdown.clone();
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tracker.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = sd.cancelled() => return,
-                        s = hup.recv() => if s.is_none() { return },
-                    }
-                    match RackState::from_static_file(&path) {
-                        Ok(new) => {
-                            info!(hosts = new.hosts().len(), "reloaded rack state (SIGHUP)");
-                            state.store(Arc::new(new));
-                        }
-                        Err(e) => warn!(error = %e, "rack state reload failed; keeping the previous state"),
-                    }
-                }
-            });
+    let state = match (&config.static_state, &config.coordinators) {
+        (Some(path), None) => start_static(path, &tracker, &shutdown)?,
+        (None, Some(coordinators)) => start_sync(
+            &config,
+            coordinators,
+            &db,
+            metrics.clone(),
+            &tracker,
+            &shutdown,
+        )?,
+        // validate() refused these.
+        _ => {
+            return Err(RelayError::Config(
+                "exactly one of static_state and [coordinators] must be set".into(),
+            ))
         }
-    }
+    };
 
     if config.dhcp.enabled && !listeners.dhcp.is_empty() {
         let ctx = Arc::new(DhcpContext {
@@ -164,4 +159,113 @@ pub async fn run(
     db.flush()?;
     info!("relay stopped");
     Ok(())
+}
+
+/// Static mode: the rack file, re-read on SIGHUP (a bad file keeps the old state).
+fn start_static(
+    path: &Path,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<SharedState, RelayError> {
+    let rack = RackState::from_static_file(path)?;
+    info!(rack = %rack.rack, networks = rack.networks().len(), hosts = rack.hosts().len(), file = %path.display(), "loaded rack state");
+    let state = state::shared(rack);
+    let state2 = state.clone();
+    let path = path.to_path_buf();
+    let sd = shutdown.clone();
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    s = hup.recv() => if s.is_none() { return },
+                }
+                match RackState::from_static_file(&path) {
+                    Ok(new) => {
+                        info!(hosts = new.hosts().len(), "reloaded rack state (SIGHUP)");
+                        state2.store(Arc::new(new));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "rack state reload failed; keeping the previous state")
+                    }
+                }
+            }
+        });
+    }
+    Ok(state)
+}
+
+/// Loads the relay's TLS identity for sync mode; the certificate must name a
+/// relay, whose name matches the configuration's. Returns the TLS material,
+/// the rack and the relay name.
+pub fn load_relay_identity(
+    config: &RelayConfig,
+    coordinators: &CoordinatorsConfig,
+) -> Result<(Arc<Tls>, String, String), RelayError> {
+    let tls = Tls::load(TlsPaths {
+        ca: coordinators.ca.clone(),
+        cert: coordinators.cert.clone(),
+        key: coordinators.key.clone(),
+    })
+    .map_err(|e| RelayError::Config(format!("[coordinators] TLS: {e}")))?;
+    let me = tls.identity();
+    let Role::Relay { rack, name } = me.role.clone() else {
+        return Err(RelayError::Config(format!(
+            "certificate {} ({}) is a {} identity, not a relay's (spiffe://<domain>/relay/<rack>/<name>); issue one with `pxemesh-certs issue relay`",
+            coordinators.cert.display(),
+            me.uri(),
+            me.role.kind()
+        )));
+    };
+    if name != config.name {
+        return Err(RelayError::Config(format!(
+            "this relay is named {:?} in the configuration but its certificate {} names relay {name:?}",
+            config.name,
+            me.uri()
+        )));
+    }
+    Ok((tls, rack, name))
+}
+
+/// Sync mode: serve the persisted copy of the rack at once (even when every
+/// coordinator is down), then follow the coordinators in the background.
+fn start_sync(
+    config: &RelayConfig,
+    coordinators: &CoordinatorsConfig,
+    db: &sled::Db,
+    metrics: Arc<RelayMetrics>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<SharedState, RelayError> {
+    let (tls, rack, name) = load_relay_identity(config, coordinators)?;
+    info!(identity = %tls.identity().uri(), rack = %rack, relay = %name, "sync mode: this relay serves rack {rack}");
+    let mut store = RackStore::open(db, &rack)?;
+    let (served, revision) = store.load();
+    if revision == 0 {
+        info!("nothing persisted for rack {rack}: serving an empty rack until the first snapshot from the coordinators");
+    } else {
+        info!(
+            networks = served.networks().len(),
+            profiles = store.count(pxemesh_coordinator::model::Kind::Profile),
+            images = store.images().count(),
+            "serving persisted rack {rack} at revision {revision} ({} hosts)",
+            served.hosts().len()
+        );
+    }
+    let state = state::shared(served);
+    let reloader = tls.spawn_reloader(shutdown.child_token(), TLS_RELOAD_CHECK);
+    let ctx = SyncContext {
+        endpoints: coordinators.endpoints.clone(),
+        tls,
+        store,
+        state: state.clone(),
+        metrics,
+        heartbeat_interval: Duration::from_secs(coordinators.heartbeat_seconds),
+    };
+    let sd = shutdown.clone();
+    tracker.spawn(async move {
+        sync::run(ctx, sd).await;
+        let _ = reloader.await;
+    });
+    Ok(state)
 }

@@ -160,6 +160,7 @@ async fn watch_loop(
     let mut applied = node.applied_watch();
     let fail = |e: CoordError| Status::internal(format!("watch of rack {rack}: {e}"));
     let mut last = from;
+    let mut caught_up = from;
     let mut need_snapshot = from == 0;
     loop {
         let floor = match state.changelog_floor() {
@@ -195,7 +196,6 @@ async fn watch_loop(
                 return;
             }
         };
-        let mut last_sent = last;
         let mut rev = last + 1;
         while rev <= current {
             match state.changes_at(rev) {
@@ -205,7 +205,6 @@ async fn watch_loop(
                             if !send(&tx, pb::watch_response::Message::Event(ev)).await {
                                 return;
                             }
-                            last_sent = rev;
                         }
                     }
                 }
@@ -225,7 +224,9 @@ async fn watch_loop(
         if need_snapshot {
             continue;
         }
-        if last > last_sent
+        // One revision can carry several events; a progress notice after every
+        // catch-up tells the relay that `last` is complete (its resume point).
+        if last > caught_up
             && !send(
                 &tx,
                 pb::watch_response::Message::Progress(pb::WatchProgress { revision: last }),
@@ -234,6 +235,7 @@ async fn watch_loop(
         {
             return;
         }
+        caught_up = last;
         tokio::select! {
             r = applied.changed() => if r.is_err() { return },
             _ = tx.closed() => {
