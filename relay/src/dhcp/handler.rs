@@ -325,16 +325,11 @@ impl Cx<'_> {
         }
     }
 
-    /// Addresses the pool must never hand out.
-    fn excluded(&self) -> HashSet<Ipv4Addr> {
+    /// Addresses the pool must never hand out, besides reservations (which
+    /// `is_excluded` looks up by address instead of collecting per packet).
+    fn fixed_exclusions(&self) -> HashSet<Ipv4Addr> {
         let cfg = &self.ctx().config;
-        let mut ex: HashSet<Ipv4Addr> = self
-            .state
-            .hosts()
-            .iter()
-            .map(|h| h.ip)
-            .filter(|ip| self.net.subnet.contains(ip))
-            .collect();
+        let mut ex: HashSet<Ipv4Addr> = HashSet::new();
         ex.extend(self.net.gateway);
         ex.extend(cfg.interfaces.iter().map(|i| i.address));
         ex.extend(cfg.advertise_address);
@@ -354,7 +349,9 @@ impl Cx<'_> {
             Client::Reserved(h) => h.ip,
             Client::Pool => {
                 let hold = self.ctx().config.dhcp.offer_hold_seconds;
-                let excluded = self.excluded();
+                let fixed = self.fixed_exclusions();
+                let excluded =
+                    |ip: Ipv4Addr| fixed.contains(&ip) || self.state.host_by_ip(ip).is_some();
                 match self.ctx().leases.offer(
                     &self.mac,
                     self.net,
@@ -440,7 +437,9 @@ impl Cx<'_> {
             }
             Client::Pool => {
                 let lease = lease_secs_of(self.net);
-                let excluded = self.excluded();
+                let fixed = self.fixed_exclusions();
+                let excluded =
+                    |ip: Ipv4Addr| fixed.contains(&ip) || self.state.host_by_ip(ip).is_some();
                 match self
                     .ctx()
                     .leases

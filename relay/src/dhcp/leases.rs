@@ -18,7 +18,7 @@
 //! flushes before sending it ([`Leases::flush_async`]), so a crash can never
 //! hand the same address to two clients.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
@@ -108,15 +108,55 @@ pub enum Commit {
     Refused,
 }
 
+/// The in-memory mirror, indexed for the hot path: finding a MAC's own
+/// lease and a never-used address must not scan the pool (a boot storm of
+/// unknown machines allocates thousands per second).
+#[derive(Default)]
+struct Table {
+    by_ip: BTreeMap<Ipv4Addr, Lease>,
+    by_mac: HashMap<Mac, BTreeSet<Ipv4Addr>>,
+    /// Per network: where the search for a never-used address resumes.
+    cursor: HashMap<String, u32>,
+}
+
+impl Table {
+    fn get(&self, ip: &Ipv4Addr) -> Option<&Lease> {
+        self.by_ip.get(ip)
+    }
+
+    fn insert(&mut self, ip: Ipv4Addr, lease: Lease) {
+        if let Some(old) = self.by_ip.get(&ip) {
+            if old.mac != lease.mac {
+                if let Some(set) = self.by_mac.get_mut(&old.mac) {
+                    set.remove(&ip);
+                    if set.is_empty() {
+                        self.by_mac.remove(&old.mac);
+                    }
+                }
+            }
+        }
+        self.by_mac.entry(lease.mac).or_default().insert(ip);
+        self.by_ip.insert(ip, lease);
+    }
+
+    /// The addresses `mac` has a record for.
+    fn of_mac(&self, mac: &Mac) -> Vec<Ipv4Addr> {
+        self.by_mac
+            .get(mac)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
 pub struct Leases {
     tree: sled::Tree,
-    table: Mutex<BTreeMap<Ipv4Addr, Lease>>,
+    table: Mutex<Table>,
 }
 
 impl Leases {
     pub fn open(db: &sled::Db) -> Result<Leases, RelayError> {
         let tree = db.open_tree("dhcp-leases")?;
-        let mut table = BTreeMap::new();
+        let mut table = Table::default();
         for item in tree.iter() {
             let (k, v) = item?;
             let Ok(octets) = <[u8; 4]>::try_from(k.as_ref()) else {
@@ -138,18 +178,13 @@ impl Leases {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Ipv4Addr, Lease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         // A panic elsewhere while holding the lock leaves the table consistent
         // (every change is one insert), so a poisoned lock is still usable.
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn store(
-        &self,
-        table: &mut BTreeMap<Ipv4Addr, Lease>,
-        ip: Ipv4Addr,
-        lease: Lease,
-    ) -> Result<(), RelayError> {
+    fn store(&self, table: &mut Table, ip: Ipv4Addr, lease: Lease) -> Result<(), RelayError> {
         let v = serde_json::to_vec(&lease)?;
         self.tree.insert(ip.octets(), v)?;
         table.insert(ip, lease);
@@ -163,7 +198,11 @@ impl Leases {
 
     /// All records, by address.
     pub fn snapshot(&self) -> Vec<(Ipv4Addr, Lease)> {
-        self.lock().iter().map(|(ip, l)| (*ip, l.clone())).collect()
+        self.lock()
+            .by_ip
+            .iter()
+            .map(|(ip, l)| (*ip, l.clone()))
+            .collect()
     }
 
     /// Pick an address for `mac` in `net`'s pool and hold it as an offer.
@@ -174,7 +213,7 @@ impl Leases {
         &self,
         mac: &Mac,
         net: &Network,
-        excluded: &HashSet<Ipv4Addr>,
+        excluded: &dyn Fn(Ipv4Addr) -> bool,
         requested: Option<Ipv4Addr>,
         now: u64,
         hold_secs: u32,
@@ -183,14 +222,16 @@ impl Leases {
             return Ok(None);
         };
         let mut table = self.lock();
-        let usable = |ip: Ipv4Addr| !excluded.contains(&ip) && (s..=e).contains(&u32::from(ip));
+        let usable = |ip: Ipv4Addr| !excluded(ip) && (s..=e).contains(&u32::from(ip));
 
         // 1. The MAC's own record (latest expiry wins).
         let mine = table
-            .range(Ipv4Addr::from(s)..=Ipv4Addr::from(e))
-            .filter(|(ip, l)| usable(**ip) && availability(Some(l), mac, now) == Avail::Mine)
+            .of_mac(mac)
+            .into_iter()
+            .filter_map(|ip| table.get(&ip).map(|l| (ip, l)))
+            .filter(|(ip, l)| usable(*ip) && availability(Some(l), mac, now) == Avail::Mine)
             .max_by_key(|(_, l)| l.expires)
-            .map(|(ip, _)| *ip);
+            .map(|(ip, _)| ip);
         // 2. The requested address, 3. never used, 4. expired longest ago.
         let pick = mine
             .or_else(|| {
@@ -203,12 +244,21 @@ impl Leases {
                 })
             })
             .or_else(|| {
-                (s..=e)
+                // Resume where the last never-used address was found, wrapping once.
+                let start = table
+                    .cursor
+                    .get(&net.name)
+                    .copied()
+                    .unwrap_or(s)
+                    .clamp(s, e);
+                (start..=e)
+                    .chain(s..start)
                     .map(Ipv4Addr::from)
-                    .find(|ip| usable(*ip) && !table.contains_key(ip))
+                    .find(|ip| usable(*ip) && !table.by_ip.contains_key(ip))
             })
             .or_else(|| {
                 table
+                    .by_ip
                     .range(Ipv4Addr::from(s)..=Ipv4Addr::from(e))
                     .filter(|(ip, l)| {
                         usable(**ip) && availability(Some(l), mac, now) == Avail::Expired
@@ -217,6 +267,9 @@ impl Leases {
                     .map(|(ip, _)| *ip)
             });
         let Some(ip) = pick else { return Ok(None) };
+        if u32::from(ip) >= s && u32::from(ip) < e {
+            table.cursor.insert(net.name.clone(), u32::from(ip) + 1);
+        }
 
         let hold_until = now.saturating_add(u64::from(hold_secs));
         let keep_bound = table.get(&ip).is_some_and(|l| {
@@ -239,12 +292,12 @@ impl Leases {
         &self,
         mac: &Mac,
         net: &Network,
-        excluded: &HashSet<Ipv4Addr>,
+        excluded: &dyn Fn(Ipv4Addr) -> bool,
         ip: Ipv4Addr,
         now: u64,
         lease_secs: u32,
     ) -> Result<Commit, RelayError> {
-        if !in_pool(net, ip) || excluded.contains(&ip) {
+        if !in_pool(net, ip) || excluded(ip) {
             return Ok(Commit::Refused);
         }
         let mut table = self.lock();
@@ -303,14 +356,16 @@ impl Leases {
     ) -> Result<(), RelayError> {
         let mut table = self.lock();
         let stale: Vec<Ipv4Addr> = table
-            .iter()
-            .filter(|(ip, l)| {
-                &l.mac == mac
-                    && l.state == LeaseState::Offered
-                    && l.expires > now
-                    && Some(**ip) != keep
+            .of_mac(mac)
+            .into_iter()
+            .filter(|ip| {
+                table.get(ip).is_some_and(|l| {
+                    &l.mac == mac
+                        && l.state == LeaseState::Offered
+                        && l.expires > now
+                        && Some(*ip) != keep
+                })
             })
-            .map(|(ip, _)| *ip)
             .take(64)
             .collect();
         for ip in stale {
@@ -416,7 +471,7 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let l = Leases::open(&db).unwrap();
         let n = net(("10.20.0.200", "10.20.0.202"));
-        let none = HashSet::new();
+        let none = |_: Ipv4Addr| false;
         let a = l
             .offer(&mac(1), &n, &none, None, 1000, 30)
             .unwrap()
@@ -476,7 +531,7 @@ mod tests {
         let db = sled::open(dir.path()).unwrap();
         let l = Leases::open(&db).unwrap();
         let n = net(("10.20.0.200", "10.20.0.201"));
-        let ex: HashSet<Ipv4Addr> = [ip("10.20.0.200")].into();
+        let ex = |a: Ipv4Addr| a == ip("10.20.0.200");
         assert_eq!(
             l.offer(&mac(1), &n, &ex, Some(ip("10.20.0.200")), 10, 30)
                 .unwrap(),
@@ -488,5 +543,72 @@ mod tests {
                 .unwrap(),
             Commit::Refused
         );
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    fn mac(i: u32) -> Mac {
+        let b = i.to_be_bytes();
+        Mac([0x52, 0x54, b[0], b[1], b[2], b[3]])
+    }
+
+    #[test]
+    fn many_clients_get_distinct_addresses_and_the_indexes_stay_true() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let l = Leases::open(&db).unwrap();
+        let n = Network {
+            name: "big".into(),
+            rack: "r1".into(),
+            subnet: "10.40.0.0/16".parse().unwrap(),
+            gateway: None,
+            dns: vec![],
+            domain: String::new(),
+            mtu: 1500,
+            vlan: None,
+            pool: Some((
+                "10.40.0.10".parse().unwrap(),
+                "10.40.39.255".parse().unwrap(),
+            )),
+            lease_seconds: 600,
+            interface: String::new(),
+            meta: Default::default(),
+        };
+        let reserved: Ipv4Addr = "10.40.0.12".parse().unwrap();
+        let excluded = |ip: Ipv4Addr| ip == reserved;
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..5_000 {
+            let ip = l
+                .offer(&mac(i), &n, &excluded, None, 100, 30)
+                .unwrap()
+                .unwrap();
+            assert_ne!(ip, reserved);
+            assert!(seen.insert(ip), "{ip} handed out twice");
+            assert!(matches!(
+                l.commit(&mac(i), &n, &excluded, ip, 101, 600).unwrap(),
+                Commit::Bound { new: true }
+            ));
+        }
+        // A returning MAC gets its own address back through the MAC index.
+        let again = l
+            .offer(&mac(1234), &n, &excluded, None, 200, 30)
+            .unwrap()
+            .unwrap();
+        assert!(l.holds(&mac(1234), again, 200));
+        // Reopened from sled: same indexes.
+        drop(l);
+        let l = Leases::open(&db).unwrap();
+        assert_eq!(
+            l.offer(&mac(1234), &n, &excluded, None, 300, 30).unwrap(),
+            Some(again)
+        );
+        let fresh = l
+            .offer(&mac(99_999), &n, &excluded, None, 300, 30)
+            .unwrap()
+            .unwrap();
+        assert!(!seen.contains(&fresh));
     }
 }

@@ -22,9 +22,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 pub use handler::{Handled, Outgoing, Server};
@@ -124,8 +122,33 @@ async fn serve_socket(
     stop: CancellationToken,
 ) {
     let mut buf = vec![0u8; RECV_BUF];
-    let flushes = Arc::new(Semaphore::new(MAX_PENDING_FLUSHES));
-    let pending = TaskTracker::new();
+    // Group commit: replies that need a durable lease wait in this queue; one
+    // flusher makes everything queued so far durable with a single flush and
+    // then sends all of it. A full queue applies back-pressure to receiving.
+    let (durable_tx, mut durable_rx) = tokio::sync::mpsc::channel::<Outgoing>(MAX_PENDING_FLUSHES);
+    let flusher = {
+        let (server, sock, iface) = (server.clone(), sock.clone(), iface.clone());
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while let Some(first) = durable_rx.recv().await {
+                batch.push(first);
+                while let Ok(more) = durable_rx.try_recv() {
+                    batch.push(more);
+                }
+                match server.ctx.leases.flush_async().await {
+                    Ok(()) => {
+                        for out in batch.drain(..) {
+                            send(&sock, &iface, &out).await;
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %e, replies = batch.len(), "dhcp: lease flush failed; replies not sent");
+                        batch.clear();
+                    }
+                }
+            }
+        })
+    };
     let mut last_error_log = 0u64;
     loop {
         let received = tokio::select! {
@@ -157,23 +180,14 @@ async fn serve_socket(
             continue;
         }
         // A new or renewed pool lease: durable before the client hears of it.
-        let permit = tokio::select! {
+        tokio::select! {
             _ = stop.cancelled() => break,
-            p = flushes.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let (server, sock, iface) = (server.clone(), sock.clone(), iface.clone());
-        pending.spawn(async move {
-            let _permit = permit;
-            match server.ctx.leases.flush_async().await {
-                Ok(()) => send(&sock, &iface, &out).await,
-                Err(e) => {
-                    error!(error = %e, dest = %out.dest, "dhcp: lease flush failed; reply not sent")
-                }
-            }
-        });
+            r = durable_tx.send(out) => if r.is_err() { break },
+        }
     }
-    pending.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), pending.wait()).await;
+    // Let the flusher finish what is queued, bounded.
+    drop(durable_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), flusher).await;
 }
 
 async fn send(sock: &UdpSocket, iface: &Interface, out: &Outgoing) {
