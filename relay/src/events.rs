@@ -1,12 +1,38 @@
 //! Per-host boot events (DHCP offer/ack, files served, provision-done): one
 //! structured log line each, a counter, and a bounded on-disk journal in sled
-//! that the relay-sync work ships to the coordinators.
+//! (tree `boot-events`, keyed by the sequence number, big-endian) that sync
+//! mode ships to the coordinators (`sync::ship_events`).
+//!
+//! Delivery contract (sync mode): every event reaches the coordinators once.
+//!
+//! - Sequence numbers increase for the life of the journal, also across
+//!   restarts: the next one is recovered from the tree (and never falls
+//!   below the acknowledged mark).
+//! - The shipper reads the journal from the persisted `shipped` mark (tree
+//!   `boot-events-shipped`) and moves the mark to the coordinators'
+//!   `acked_sequence` after each report, flushed to disk. The coordinators
+//!   drop sequence numbers at or below what they already hold for this
+//!   relay, so a report repeated after a crash or a lost answer stores
+//!   nothing twice.
+//! - Events stay in the journal until they are acknowledged: trimming to
+//!   [`MAX_EVENTS`] removes acknowledged events; only when the journal is
+//!   full of unacknowledged ones are the oldest of those dropped, with a
+//!   warning and `boot_events_dropped`.
+//! - Durability: `record` writes to sled's page cache and [`flush_loop`]
+//!   makes it durable at least every [`FLUSH_EVERY`] (200 ms), so a relay
+//!   crash (kill -9, power loss) loses at most the events of the last 200 ms.
+//!   The shipper flushes before every report, so an event the coordinators
+//!   acknowledged is always on the relay's disk and its sequence number is
+//!   never issued again.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::metrics::RelayMetrics;
 
@@ -41,33 +67,76 @@ pub struct BootEvent {
     pub unix_ms: u64,
 }
 
-/// Journal capacity: the oldest events go first once it is full.
-const MAX_EVENTS: u64 = 100_000;
+/// Journal capacity: beyond it the oldest events go, acknowledged ones
+/// first (see the module documentation).
+pub const MAX_EVENTS: u64 = 100_000;
+/// Trimming runs once per this many events.
+const TRIM_EVERY: u64 = 1024;
+/// Longest time a recorded event waits in memory before it is on disk.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+const SHIPPED_TREE: &str = "boot-events-shipped";
+const SHIPPED_KEY: &[u8] = b"shipped";
+
+fn seq_of(key: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(key).ok().map(u64::from_be_bytes)
+}
 
 pub struct EventLog {
     tree: sled::Tree,
+    /// Holds the `shipped` mark.
+    marks: sled::Tree,
     next: AtomicU64,
+    /// Highest sequence the coordinators acknowledged (sync mode).
+    shipped: AtomicU64,
+    /// No sequence below this is left in the journal (trimmed).
+    floor: AtomicU64,
+    /// A shipper runs: unacknowledged events are precious.
+    shipping: AtomicBool,
+    /// Recorded since the last flush.
+    dirty: AtomicBool,
+    /// Poked by every `record`, for the shipper.
+    recorded: Notify,
+    /// [`MAX_EVENTS`], smaller in tests.
+    capacity: u64,
     metrics: Arc<RelayMetrics>,
 }
 
 impl EventLog {
     pub fn open(db: &sled::Db, metrics: Arc<RelayMetrics>) -> Result<EventLog, sled::Error> {
         let tree = db.open_tree("boot-events")?;
-        let next = match tree.last()? {
-            Some((k, _)) => k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0) + 1,
-            None => 1,
-        };
+        let marks = db.open_tree(SHIPPED_TREE)?;
+        let shipped = marks
+            .get(SHIPPED_KEY)?
+            .and_then(|v| seq_of(&v))
+            .unwrap_or(0);
+        let last = tree.last()?.and_then(|(k, _)| seq_of(&k)).unwrap_or(0);
+        let first = tree.first()?.and_then(|(k, _)| seq_of(&k)).unwrap_or(1);
         Ok(EventLog {
             tree,
-            next: AtomicU64::new(next),
+            marks,
+            // Never re-issue a number the coordinators acknowledged, even if
+            // the journal lost its tail.
+            next: AtomicU64::new(last.max(shipped) + 1),
+            shipped: AtomicU64::new(shipped),
+            floor: AtomicU64::new(first),
+            shipping: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            recorded: Notify::new(),
+            capacity: MAX_EVENTS,
             metrics,
         })
+    }
+
+    #[cfg(test)]
+    fn with_capacity(mut self, capacity: u64) -> EventLog {
+        self.capacity = capacity;
+        self
     }
 
     /// Record an event. Never fails the caller: a boot must not stall because
     /// the journal cannot be written (the log line and counter still happen).
     pub fn record(&self, mac: &str, kind: EventKind, detail: &str) {
-        let sequence = self.next.fetch_add(1, Ordering::Relaxed);
+        let sequence = self.next.fetch_add(1, Ordering::AcqRel);
         info!(mac, kind = kind.as_str(), detail, "boot event");
         self.metrics.boot_event(kind.as_str());
         let ev = BootEvent {
@@ -82,14 +151,43 @@ impl EventLog {
         };
         if let Ok(v) = serde_json::to_vec(&ev) {
             if let Err(e) = self.tree.insert(sequence.to_be_bytes(), v) {
-                tracing::warn!(error = %e, "boot event journal write failed");
+                warn!(error = %e, "boot event journal write failed");
             }
         }
-        if sequence > MAX_EVENTS && sequence.is_multiple_of(1024) {
-            let cutoff = (sequence - MAX_EVENTS).to_be_bytes();
-            for k in self.tree.range(..cutoff).keys().flatten() {
-                let _ = self.tree.remove(k);
+        self.dirty.store(true, Ordering::Release);
+        let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
+        if sequence > self.capacity && sequence.is_multiple_of(every) {
+            self.trim(sequence - self.capacity);
+        }
+        self.update_pending();
+        self.recorded.notify_one();
+    }
+
+    /// Removes the events below `cutoff`. Acknowledged ones go silently; an
+    /// unacknowledged one (the journal is full of them: the coordinators
+    /// have been unreachable for a long time) is counted and warned about.
+    fn trim(&self, cutoff: u64) {
+        let shipping = self.shipping.load(Ordering::Acquire);
+        let shipped = self.shipped.load(Ordering::Acquire);
+        let mut dropped = 0u64;
+        let mut range: Option<(u64, u64)> = None;
+        for k in self.tree.range(..cutoff.to_be_bytes()).keys().flatten() {
+            let seq = seq_of(&k).unwrap_or(0);
+            if matches!(self.tree.remove(&k), Ok(Some(_))) && shipping && seq > shipped {
+                dropped += 1;
+                range = Some(range.map_or((seq, seq), |(a, _)| (a, seq)));
             }
+        }
+        self.floor.fetch_max(cutoff, Ordering::AcqRel);
+        if let Some((first, last)) = range {
+            self.metrics.boot_events_dropped.inc_by(dropped);
+            warn!(
+                dropped,
+                first,
+                last,
+                capacity = self.capacity,
+                "BOOT EVENT JOURNAL FULL of events the coordinators have not acknowledged: dropped the oldest {dropped} (sequences {first}..={last})"
+            );
         }
     }
 
@@ -102,6 +200,119 @@ impl EventLog {
             .filter_map(|v| serde_json::from_slice(&v).ok())
             .take(limit)
             .collect()
+    }
+
+    /// Highest sequence number issued so far (0: none).
+    pub fn last_sequence(&self) -> u64 {
+        self.next.load(Ordering::Acquire) - 1
+    }
+
+    /// Highest sequence number the coordinators acknowledged.
+    pub fn shipped(&self) -> u64 {
+        self.shipped.load(Ordering::Acquire)
+    }
+
+    /// Events in the journal not yet acknowledged.
+    pub fn pending(&self) -> u64 {
+        let done = self
+            .shipped()
+            .max(self.floor.load(Ordering::Acquire).saturating_sub(1));
+        self.last_sequence().saturating_sub(done)
+    }
+
+    fn update_pending(&self) {
+        if self.shipping.load(Ordering::Acquire) {
+            self.metrics
+                .boot_events_pending
+                .set(i64::try_from(self.pending()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A shipper runs from now on: trimming spares unacknowledged events
+    /// and counts those it must drop anyway.
+    pub fn start_shipping(&self) {
+        self.shipping.store(true, Ordering::Release);
+        self.update_pending();
+    }
+
+    /// Moves the `shipped` mark to `acked` (never backwards) and makes it
+    /// durable.
+    pub async fn mark_shipped(&self, acked: u64) -> Result<(), sled::Error> {
+        let prev = self.shipped.fetch_max(acked, Ordering::AcqRel);
+        if acked > prev {
+            self.marks.insert(SHIPPED_KEY, &acked.to_be_bytes())?;
+            self.marks.flush_async().await?;
+        }
+        self.update_pending();
+        Ok(())
+    }
+
+    /// Waits until an event is recorded (at once if one was recorded since
+    /// the last wait).
+    pub async fn recorded(&self) {
+        self.recorded.notified().await
+    }
+
+    /// Makes everything recorded so far durable.
+    pub async fn flush(&self) -> Result<(), sled::Error> {
+        self.dirty.store(false, Ordering::Release);
+        if let Err(e) = self.tree.flush_async().await {
+            self.dirty.store(true, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The coordinators acknowledged sequence `above`, which this journal
+    /// never issued: it was reset (a new data directory under the same relay
+    /// name) and they would drop its events as duplicates. Renumbers the
+    /// unacknowledged events at or below `above` past it (in order) and
+    /// issues new numbers from there on. Returns how many were renumbered.
+    pub fn renumber_above(&self, above: u64) -> Result<usize, sled::Error> {
+        self.next.fetch_max(above + 1, Ordering::AcqRel);
+        let from = self.shipped() + 1;
+        if from > above {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        let mut moved = 0;
+        for item in self.tree.range(from.to_be_bytes()..=above.to_be_bytes()) {
+            let (k, v) = item?;
+            batch.remove(k);
+            let Ok(mut ev) = serde_json::from_slice::<BootEvent>(&v) else {
+                continue;
+            };
+            ev.sequence = self.next.fetch_add(1, Ordering::AcqRel);
+            if let Ok(bytes) = serde_json::to_vec(&ev) {
+                batch.insert(&ev.sequence.to_be_bytes(), bytes);
+                moved += 1;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.dirty.store(true, Ordering::Release);
+        self.update_pending();
+        Ok(moved)
+    }
+}
+
+/// Flushes the journal every [`FLUSH_EVERY`] while events arrive, and once
+/// more at shutdown: a crash loses at most the last 200 ms of events.
+pub async fn flush_loop(log: Arc<EventLog>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stop = tokio::select! {
+            _ = shutdown.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        if stop || log.dirty.load(Ordering::Acquire) {
+            if let Err(e) = log.flush().await {
+                warn!(error = %e, "cannot flush the boot event journal");
+            }
+        }
+        if stop {
+            return;
+        }
     }
 }
 
@@ -130,5 +341,102 @@ mod tests {
         );
         assert_eq!(all[2].kind, EventKind::ProvisionDone);
         assert_eq!(log.since(2, 10).len(), 1);
+    }
+
+    fn seqs(v: &[BootEvent]) -> Vec<u64> {
+        v.iter().map(|e| e.sequence).collect()
+    }
+
+    #[tokio::test]
+    async fn shipped_mark_survives_restart_and_numbers_never_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(RelayMetrics::new());
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EventLog::open(&db, m.clone()).unwrap();
+            log.start_shipping();
+            for _ in 0..3 {
+                log.record("52:54:00:00:00:01", EventKind::DhcpOffer, "");
+            }
+            assert_eq!(log.pending(), 3);
+            log.mark_shipped(2).await.unwrap();
+            // Never backwards.
+            log.mark_shipped(1).await.unwrap();
+            assert_eq!((log.shipped(), log.pending()), (2, 1));
+            assert_eq!(m.boot_events_pending.get(), 1);
+            log.flush().await.unwrap();
+        }
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let log = EventLog::open(&db, m.clone()).unwrap();
+            assert_eq!(log.shipped(), 2);
+            assert_eq!(seqs(&log.since(log.shipped(), 10)), vec![3]);
+            log.record("-", EventKind::TftpFile, "x");
+            assert_eq!(log.last_sequence(), 4);
+            // Acknowledged beyond the tail of the journal (it lost events
+            // that were shipped): numbers continue above the mark.
+            log.mark_shipped(40).await.unwrap();
+        }
+        let db = sled::open(dir.path()).unwrap();
+        let log = EventLog::open(&db, m).unwrap();
+        log.record("-", EventKind::TftpFile, "y");
+        assert_eq!(log.last_sequence(), 41);
+    }
+
+    #[tokio::test]
+    async fn trimming_spares_unshipped_events_until_the_journal_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(RelayMetrics::new());
+        let db = sled::open(dir.path()).unwrap();
+        let log = EventLog::open(&db, m.clone()).unwrap().with_capacity(16);
+        log.start_shipping();
+        for _ in 0..16 {
+            log.record("-", EventKind::HttpFile, "");
+        }
+        log.mark_shipped(10).await.unwrap();
+        // 8 more: trimming at 24 removes 1..=7, all acknowledged.
+        for _ in 0..8 {
+            log.record("-", EventKind::HttpFile, "");
+        }
+        assert_eq!(log.since(0, 100).first().unwrap().sequence, 8);
+        assert_eq!(m.boot_events_dropped.get(), 0);
+        assert_eq!(log.pending(), 14);
+        // Coordinators gone for good: the journal fills with unacknowledged
+        // events and the oldest of them go, counted.
+        for _ in 0..8 {
+            log.record("-", EventKind::HttpFile, "");
+        }
+        // At 32: 8..=15 removed; 11..=15 were not acknowledged.
+        assert_eq!(m.boot_events_dropped.get(), 5);
+        assert_eq!(log.since(log.shipped(), 100).first().unwrap().sequence, 16);
+        assert_eq!(log.pending(), 17);
+        assert_eq!(m.boot_events_pending.get(), 17);
+    }
+
+    #[tokio::test]
+    async fn renumbering_moves_pending_events_past_a_foreign_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Arc::new(RelayMetrics::new());
+        let db = sled::open(dir.path()).unwrap();
+        let log = EventLog::open(&db, m).unwrap();
+        log.start_shipping();
+        for k in [
+            EventKind::DhcpOffer,
+            EventKind::DhcpAck,
+            EventKind::HttpFile,
+        ] {
+            log.record("52:54:00:00:00:01", k, "");
+        }
+        log.mark_shipped(1).await.unwrap();
+        assert_eq!(log.renumber_above(100).unwrap(), 2);
+        let left = log.since(log.shipped(), 10);
+        assert_eq!(seqs(&left), vec![101, 102]);
+        assert_eq!(
+            left.iter().map(|e| e.kind).collect::<Vec<_>>(),
+            vec![EventKind::DhcpAck, EventKind::HttpFile]
+        );
+        log.record("-", EventKind::TftpFile, "");
+        assert_eq!(log.last_sequence(), 103);
+        assert_eq!(log.renumber_above(100).unwrap(), 0);
     }
 }

@@ -54,6 +54,13 @@ pub struct RelayMetrics {
     pub sync_heartbeat_failures: Counter,
     /// Sync mode: the cluster revision the persisted rack copy reflects.
     pub sync_revision: Gauge,
+    /// Sync mode: boot events the coordinators acknowledged.
+    pub boot_events_shipped: Counter,
+    /// Sync mode: boot events in the journal not yet acknowledged.
+    pub boot_events_pending: Gauge,
+    /// Sync mode: unacknowledged boot events dropped (journal full, or one
+    /// event the coordinators refused as invalid).
+    pub boot_events_dropped: Counter,
 }
 
 fn latency() -> Histogram {
@@ -81,6 +88,9 @@ impl RelayMetrics {
             sync_reconnects: Counter::default(),
             sync_heartbeat_failures: Counter::default(),
             sync_revision: Gauge::default(),
+            boot_events_shipped: Counter::default(),
+            boot_events_pending: Gauge::default(),
+            boot_events_dropped: Counter::default(),
         };
         r.register(
             "dhcp_messages",
@@ -152,6 +162,21 @@ impl RelayMetrics {
             "sync_revision",
             "Cluster revision of the persisted rack state",
             m.sync_revision.clone(),
+        );
+        r.register(
+            "boot_events_shipped",
+            "Boot events acknowledged by the coordinators",
+            m.boot_events_shipped.clone(),
+        );
+        r.register(
+            "boot_events_pending",
+            "Boot events in the journal not yet acknowledged by the coordinators",
+            m.boot_events_pending.clone(),
+        );
+        r.register(
+            "boot_events_dropped",
+            "Unacknowledged boot events dropped (journal full or refused)",
+            m.boot_events_dropped.clone(),
         );
         RelayMetrics { registry: r, ..m }
     }

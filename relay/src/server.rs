@@ -18,12 +18,12 @@ use crate::boot::LoaderTracker;
 use crate::config::{CoordinatorsConfig, Interface, RelayConfig};
 use crate::dhcp::{self, DhcpContext, Leases};
 use crate::error::RelayError;
-use crate::events::EventLog;
+use crate::events::{self, EventLog};
 use crate::http::{self, HttpContext};
 use crate::metrics::RelayMetrics;
 use crate::state::{self, RackState, SharedState};
 use crate::store::RackStore;
-use crate::sync::{self, SyncContext};
+use crate::sync::{self, ShipContext, SyncContext};
 use crate::tftp::{self, TftpContext};
 
 /// Sockets bound by the caller (the binary, or a test on port 0).
@@ -61,6 +61,7 @@ pub async fn run(
             coordinators,
             &db,
             metrics.clone(),
+            events.clone(),
             &tracker,
             &shutdown,
         )?,
@@ -72,6 +73,8 @@ pub async fn run(
         }
     };
 
+    // The journal on disk at least every 200 ms (see `events`).
+    tracker.spawn(events::flush_loop(events.clone(), shutdown.clone()));
     if config.dhcp.enabled && !listeners.dhcp.is_empty() {
         let ctx = Arc::new(DhcpContext {
             config: config.clone(),
@@ -234,6 +237,7 @@ fn start_sync(
     coordinators: &CoordinatorsConfig,
     db: &sled::Db,
     metrics: Arc<RelayMetrics>,
+    events: Arc<EventLog>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<SharedState, RelayError> {
@@ -254,6 +258,15 @@ fn start_sync(
     }
     let state = state::shared(served);
     let reloader = tls.spawn_reloader(shutdown.child_token(), TLS_RELOAD_CHECK);
+    tracker.spawn(sync::ship_events(
+        ShipContext {
+            endpoints: coordinators.endpoints.clone(),
+            tls: tls.clone(),
+            events,
+            metrics: metrics.clone(),
+        },
+        shutdown.clone(),
+    ));
     let ctx = SyncContext {
         endpoints: coordinators.endpoints.clone(),
         tls,

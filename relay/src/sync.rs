@@ -15,7 +15,16 @@
 //!   may ask for another one), reporting the durable revision. Failures are
 //!   logged at most once per endpoint per minute and never stop anything.
 //!
-//! Serving never waits on either: DHCP/TFTP/HTTP read the `SharedState`.
+//! A third loop, [`ship_events`], started beside them, delivers the boot
+//! event journal with `RelayService/ReportBootEvents`: oldest first, at most
+//! [`SHIP_BATCH`] per report, within [`SHIP_COALESCE`] of a new event,
+//! retried across endpoints with back-off (100 ms → [`SHIP_MAX_BACKOFF`])
+//! while no coordinator takes them; the persisted `shipped` mark follows the
+//! coordinators' `acked_sequence` (see `events` for the exactly-once
+//! contract).
+//!
+//! Serving never waits on any of them: DHCP/TFTP/HTTP read the `SharedState`
+//! and append to the journal.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -34,6 +43,7 @@ use tonic::transport::Channel;
 use tonic::Streaming;
 use tracing::{debug, error, info, warn};
 
+use crate::events::{BootEvent, EventLog};
 use crate::metrics::RelayMetrics;
 use crate::state::SharedState;
 use crate::store::RackStore;
@@ -578,6 +588,12 @@ fn counters(metrics: &RelayMetrics) -> HashMap<String, u64> {
         ("sync_snapshots", metrics.sync_snapshots.get()),
         ("sync_events", metrics.sync_events.get()),
         ("sync_reconnects", metrics.sync_reconnects.get()),
+        ("boot_events_shipped", metrics.boot_events_shipped.get()),
+        (
+            "boot_events_pending",
+            u64::try_from(metrics.boot_events_pending.get()).unwrap_or(0),
+        ),
+        ("boot_events_dropped", metrics.boot_events_dropped.get()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -669,6 +685,253 @@ async fn heartbeat_loop(
             _ = tokio::time::sleep(interval) => {}
         }
     }
+}
+
+/// Most boot events in one report (the coordinators take up to 1000).
+pub const SHIP_BATCH: usize = 500;
+/// After a new event, wait this long for the rest of its burst (one DHCP
+/// exchange records an offer and an ack), then report.
+pub const SHIP_COALESCE: Duration = Duration::from_millis(50);
+/// Longest pause between delivery attempts while no coordinator takes the
+/// events (attempts on a dead endpoint are cheap: the connection is refused).
+pub const SHIP_MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// Look at the journal this often even without a new event (safety net).
+const SHIP_IDLE: Duration = Duration::from_secs(5);
+const REPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct ShipContext {
+    /// Coordinator endpoints (`host:port`), tried round-robin.
+    pub endpoints: Vec<String>,
+    pub tls: Arc<Tls>,
+    pub events: Arc<EventLog>,
+    pub metrics: Arc<RelayMetrics>,
+}
+
+/// A journal event as reported. A MAC the coordinators would not parse
+/// (never recorded today) goes as "-", the unknown host.
+pub fn event_to_proto(e: &BootEvent) -> pb::BootEvent {
+    let host_mac = match e.mac.parse::<pxemesh_coordinator::model::Mac>() {
+        Ok(m) => m.to_string(),
+        Err(_) => "-".to_string(),
+    };
+    pb::BootEvent {
+        host_mac,
+        kind: e.kind.as_str().to_string(),
+        detail: e.detail.clone(),
+        unix_ms: e.unix_ms,
+        sequence: e.sequence,
+    }
+}
+
+/// What one report did.
+enum Report {
+    /// The coordinators hold everything up to this sequence.
+    Acked(u64),
+    /// The report was refused as invalid.
+    Invalid(String),
+    /// Not delivered (no connection, timeout, unavailable, ...).
+    Failed(String),
+}
+
+async fn report(
+    client: &mut RelayServiceClient<Channel>,
+    batch: &[BootEvent],
+    shutdown: &CancellationToken,
+) -> Option<Report> {
+    let req = pb::ReportBootEventsRequest {
+        events: batch.iter().map(event_to_proto).collect(),
+    };
+    let res = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = tokio::time::timeout(REPORT_TIMEOUT, client.report_boot_events(req)) => r,
+    };
+    Some(match res {
+        Ok(Ok(resp)) => Report::Acked(resp.into_inner().acked_sequence),
+        Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => Report::Invalid(status_text(&s)),
+        Ok(Err(s)) => Report::Failed(status_text(&s)),
+        Err(_) => Report::Failed(format!("no answer within {REPORT_TIMEOUT:?}")),
+    })
+}
+
+/// Ships the boot event journal to the coordinators until `shutdown`
+/// (sync mode). Events stay in the journal until acknowledged; a report
+/// repeated after a crash or a lost answer is harmless (the coordinators
+/// drop sequences they hold).
+pub async fn ship_events(ctx: ShipContext, shutdown: CancellationToken) {
+    let ShipContext {
+        endpoints,
+        tls,
+        events,
+        metrics,
+    } = ctx;
+    if endpoints.is_empty() {
+        return;
+    }
+    events.start_shipping();
+    let mut idx = 0usize;
+    let mut client: Option<RelayServiceClient<Channel>> = None;
+    let mut backoff = MIN_BACKOFF;
+    let mut limiter = LogLimiter::default();
+    let mut failing_since: Option<Instant> = None;
+    // After a refused report: send one event at a time up to this sequence
+    // to find the event refused.
+    let mut one_by_one = 0u64;
+    loop {
+        let shipped = events.shipped();
+        let limit = if one_by_one > shipped { 1 } else { SHIP_BATCH };
+        let batch = events.since(shipped, limit);
+        let (Some(first), Some(top)) = (batch.first(), batch.last()) else {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = events.recorded() => {}
+                _ = tokio::time::sleep(SHIP_IDLE) => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SHIP_COALESCE) => {}
+            }
+            continue;
+        };
+        let (first, top) = (first.sequence, top.sequence);
+        let endpoint = &endpoints[idx];
+        let next = &endpoints[(idx + 1) % endpoints.len()];
+        // Nothing leaves the relay before it is on its disk: a sequence the
+        // coordinators acknowledge is never issued again after a crash.
+        let outcome = match events.flush().await {
+            Err(e) => Report::Failed(format!("cannot flush the journal first: {e}")),
+            Ok(()) => {
+                if client.is_none() {
+                    match channel_lazy(endpoint, tls.clone()) {
+                        Ok(ch) => client = Some(RelayServiceClient::new(ch)),
+                        Err(e) => {
+                            if limiter.allow(endpoint) {
+                                warn!("boot events to {endpoint} impossible: {e}; trying {next}");
+                            }
+                        }
+                    }
+                }
+                match client.as_mut() {
+                    None => Report::Failed("no channel".into()),
+                    Some(c) => match report(c, &batch, &shutdown).await {
+                        None => return,
+                        Some(r) => r,
+                    },
+                }
+            }
+        };
+        match outcome {
+            Report::Acked(acked) if acked > events.last_sequence() => {
+                let issued = events.last_sequence();
+                // The coordinators hold numbers this journal never issued:
+                // it was reset under the same relay name. They would drop
+                // its events as duplicates; renumber them past their mark.
+                match events.renumber_above(acked) {
+                    Ok(moved) => warn!(
+                        acked,
+                        issued,
+                        moved,
+                        "the coordinators acknowledged boot events up to sequence {acked} but this relay's journal only reached {issued} (was its data directory replaced?); renumbered {moved} unacknowledged events after {acked}"
+                    ),
+                    Err(e) => {
+                        error!(error = %e, "cannot renumber the boot event journal");
+                        pause(&mut backoff, &shutdown).await;
+                    }
+                }
+            }
+            Report::Acked(acked) if acked >= first => {
+                backoff = MIN_BACKOFF;
+                let newly = batch
+                    .iter()
+                    .filter(|e| e.sequence > shipped && e.sequence <= acked)
+                    .count();
+                if let Err(e) = events.mark_shipped(acked).await {
+                    // The next report repeats these; the coordinators drop them.
+                    error!(error = %e, "cannot persist the shipped boot event mark");
+                }
+                metrics.boot_events_shipped.inc_by(newly as u64);
+                if let Some(since) = failing_since.take() {
+                    info!(
+                        "boot events delivered to {endpoint} again after {:.1} s; {} still waiting",
+                        since.elapsed().as_secs_f64(),
+                        events.pending()
+                    );
+                }
+                debug!(endpoint, first, top, acked, "boot events acknowledged");
+            }
+            Report::Acked(acked) => {
+                let e =
+                    format!("acknowledged sequence {acked}, below the report's {first}..={top}");
+                failed(
+                    &mut limiter,
+                    endpoint,
+                    next,
+                    &e,
+                    events.pending(),
+                    &mut failing_since,
+                );
+                client = None;
+                idx = (idx + 1) % endpoints.len();
+                pause(&mut backoff, &shutdown).await;
+            }
+            Report::Invalid(e) if batch.len() > 1 => {
+                warn!("coordinator {endpoint} refused boot events {first}..={top}: {e}; resending them one at a time");
+                one_by_one = top;
+            }
+            Report::Invalid(e) => {
+                let ev = &batch[0];
+                error!(
+                    sequence = first,
+                    mac = %ev.mac,
+                    kind = ev.kind.as_str(),
+                    "coordinator {endpoint} refused boot event {first}: {e}; dropping it"
+                );
+                metrics.boot_events_dropped.inc();
+                if let Err(e) = events.mark_shipped(first).await {
+                    error!(error = %e, "cannot persist the shipped boot event mark");
+                    pause(&mut backoff, &shutdown).await;
+                }
+            }
+            Report::Failed(e) => {
+                failed(
+                    &mut limiter,
+                    endpoint,
+                    next,
+                    &e,
+                    events.pending(),
+                    &mut failing_since,
+                );
+                client = None;
+                idx = (idx + 1) % endpoints.len();
+                pause(&mut backoff, &shutdown).await;
+            }
+        }
+    }
+}
+
+fn failed(
+    limiter: &mut LogLimiter,
+    endpoint: &str,
+    next: &str,
+    e: &str,
+    waiting: u64,
+    failing_since: &mut Option<Instant>,
+) {
+    failing_since.get_or_insert_with(Instant::now);
+    if limiter.allow(endpoint) {
+        warn!("cannot deliver boot events to {endpoint}: {e}; {waiting} wait in the journal; trying {next}");
+    } else {
+        debug!("cannot deliver boot events to {endpoint}: {e}; trying {next}");
+    }
+}
+
+/// Sleeps for `backoff` (unless shutting down) and doubles it, up to
+/// [`SHIP_MAX_BACKOFF`].
+async fn pause(backoff: &mut Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(*backoff) => {}
+    }
+    *backoff = (*backoff * 2).min(SHIP_MAX_BACKOFF);
 }
 
 #[cfg(test)]
