@@ -241,7 +241,7 @@ impl EventLog {
         let prev = self.shipped.fetch_max(acked, Ordering::AcqRel);
         if acked > prev {
             self.marks.insert(SHIPPED_KEY, &acked.to_be_bytes())?;
-            self.marks.flush_async().await?;
+            crate::durable::flush(self.marks.clone()).await?;
         }
         self.update_pending();
         Ok(())
@@ -256,7 +256,7 @@ impl EventLog {
     /// Makes everything recorded so far durable.
     pub async fn flush(&self) -> Result<(), sled::Error> {
         self.dirty.store(false, Ordering::Release);
-        if let Err(e) = self.tree.flush_async().await {
+        if let Err(e) = crate::durable::flush(self.tree.clone()).await {
             self.dirty.store(true, Ordering::Release);
             return Err(e);
         }

@@ -5,6 +5,7 @@
 pub mod boot;
 pub mod config;
 pub mod dhcp;
+pub mod durable;
 pub mod error;
 pub mod events;
 pub mod files;

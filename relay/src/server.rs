@@ -159,7 +159,11 @@ pub async fn run(
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         warn!("shutdown drain timed out; stopping anyway");
     }
-    db.flush()?;
+    // Bounded: a stuck flush must not keep a stopping relay alive forever.
+    match tokio::time::timeout(DRAIN, crate::durable::flush_db(&db)).await {
+        Ok(r) => r?,
+        Err(_) => warn!("final flush did not finish in time; stopping anyway"),
+    }
     info!("relay stopped");
     Ok(())
 }

@@ -79,7 +79,7 @@ impl RackStore {
                     "the persisted rack state belongs to another rack than this relay's certificate; discarding it"
                 );
                 tree.clear()?;
-                tree.flush()?;
+                crate::durable::flush_blocking(&tree)?;
             }
         }
         let mut revision = match tree.get(REVISION_KEY)? {
@@ -390,9 +390,7 @@ impl RackStore {
         }
         let tree = self.tree.clone();
         let revision = self.committed;
-        tokio::task::spawn_blocking(move || tree.flush())
-            .await
-            .map_err(|e| RelayError::Io(std::io::Error::other(e)))??;
+        crate::durable::flush(tree).await?;
         self.unflushed = 0;
         self.durable.store(revision, Ordering::Release);
         Ok(())

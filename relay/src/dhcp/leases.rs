@@ -413,12 +413,12 @@ impl Leases {
 
     /// Make every change so far durable.
     pub fn flush(&self) -> Result<(), RelayError> {
-        self.tree.flush()?;
+        crate::durable::flush_blocking(&self.tree)?;
         Ok(())
     }
 
     pub async fn flush_async(&self) -> Result<(), RelayError> {
-        self.tree.flush_async().await?;
+        crate::durable::flush(self.tree.clone()).await?;
         Ok(())
     }
 }
