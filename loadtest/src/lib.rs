@@ -4,6 +4,7 @@
 //!   coordinator cluster or, for comparison, an etcd v3 cluster, over mTLS.
 
 pub mod etcd;
+pub mod propagation;
 pub mod writes;
 
 pub use pxemesh_certs::TlsPaths;

@@ -23,6 +23,32 @@ struct Cli {
 enum Cmd {
     /// Write-path benchmark: each request writes one new host record.
     Writes(WritesArgs),
+    /// Time from an acknowledged write until every watching relay has it.
+    Propagation(PropagationArgs),
+}
+
+#[derive(Args)]
+struct PropagationArgs {
+    /// Coordinator gRPC endpoints (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Directory with ca.pem, ca-key.pem (watcher certificates are issued from
+    /// it) and the admin certificate.
+    #[arg(long, default_value = ".")]
+    tls_dir: PathBuf,
+    #[arg(long, default_value = "admin")]
+    cert_stem: String,
+    /// In-process relay watchers, spread over the endpoints.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    watchers: u64,
+    /// Writes measured one after another.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    writes: u64,
+    #[arg(long, default_value = "prop-bench")]
+    rack: String,
+    /// Seconds to wait for all watchers on one write.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -131,6 +157,26 @@ async fn run(cli: Cli) -> Result<()> {
                     report.errors,
                     report.attempted,
                     report.error_rate * 100.0
+                );
+            }
+            Ok(())
+        }
+        Cmd::Propagation(a) => {
+            let cfg = pxemesh_loadtest::propagation::PropagationConfig {
+                endpoints: a.endpoints,
+                tls_dir: a.tls_dir,
+                cert_stem: a.cert_stem,
+                watchers: a.watchers as usize,
+                writes: a.writes,
+                rack: a.rack,
+                timeout: Duration::from_secs(a.timeout),
+            };
+            let report = pxemesh_loadtest::propagation::propagation(&cfg).await?;
+            print!("{}", report.to_text());
+            if report.timeouts > 0 {
+                bail!(
+                    "{} writes did not reach every watcher in time",
+                    report.timeouts
                 );
             }
             Ok(())

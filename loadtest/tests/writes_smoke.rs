@@ -85,6 +85,28 @@ async fn writes_50_hosts_with_4_clients() {
     assert_eq!(again.ok, 10, "{}", again.to_text());
     assert!(again.first_index >= report.first_index + 54);
 
+    // Propagation: 5 relay watchers (certificates issued from the CA here) see
+    // every write; the hosts are cleaned up afterwards.
+    let prop = pxemesh_loadtest::propagation::PropagationConfig {
+        endpoints: vec![addr.clone()],
+        tls_dir: d.to_path_buf(),
+        cert_stem: "admin".into(),
+        watchers: 5,
+        writes: 20,
+        rack: "prop".into(),
+        timeout: Duration::from_secs(5),
+    };
+    let p = pxemesh_loadtest::propagation::propagation(&prop)
+        .await
+        .expect("propagation run");
+    assert_eq!(
+        (p.timeouts, p.all.len(), p.each.len()),
+        (0, 20, 100),
+        "{}",
+        p.to_text()
+    );
+    assert!(p.from_send.value_at_quantile(0.99) >= 1);
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), server)
         .await
