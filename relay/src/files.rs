@@ -1,7 +1,7 @@
 //! Resolving client-supplied paths inside the boot directory. Shared by every
 //! service that serves files, so the traversal rules exist once.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -11,27 +11,49 @@ pub enum PathError {
     NotFound(String),
 }
 
-/// Map `requested` (relative; one leading '/' tolerated, as PXE configs often
-/// ask for "/pxelinux.0") to a regular file inside `root`. Refuses `..`,
-/// absolute paths after that, NUL, backslashes, and symlinks that resolve
-/// outside the root.
+/// Check a requested name and normalize it to `a/b/c` relative to the boot
+/// directory. One leading `/` is accepted (many PXE configs ask for
+/// `/pxelinux.0`); empty and `.` components are dropped. Refused: `..`, NUL,
+/// backslashes, control characters, a name that stays absolute after the
+/// strip, and a name that is empty after normalization. TFTP and HTTP both
+/// use this, so the rules exist once.
+pub fn sanitize(name: &str) -> Result<String, String> {
+    if name.contains('\0') {
+        return Err("NUL in file name".into());
+    }
+    if name.contains('\\') {
+        return Err("backslash in file name".into());
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return Err("control character in file name".into());
+    }
+    let rest = name.strip_prefix('/').unwrap_or(name);
+    if rest.starts_with('/') {
+        return Err("absolute path".into());
+    }
+    let mut parts = Vec::new();
+    for c in rest.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err("'..' in file name".into()),
+            c => parts.push(c),
+        }
+    }
+    if parts.is_empty() {
+        return Err("no file name".into());
+    }
+    Ok(parts.join("/"))
+}
+
+/// Map `requested` to a regular file inside `root` ([`sanitize`]d, and
+/// symlinks followed only while they resolve inside the root).
 pub fn resolve(root: &Path, requested: &str) -> Result<PathBuf, PathError> {
-    let rel = requested.strip_prefix('/').unwrap_or(requested);
-    if rel.is_empty() || rel.contains('\0') || rel.contains('\\') {
-        return Err(PathError::Forbidden(requested.to_string()));
-    }
-    let rel_path = Path::new(rel);
-    if !rel_path
-        .components()
-        .all(|c| matches!(c, Component::Normal(_)))
-    {
-        return Err(PathError::Forbidden(requested.to_string()));
-    }
+    let rel = sanitize(requested).map_err(|_| PathError::Forbidden(requested.to_string()))?;
     let root = root
         .canonicalize()
         .map_err(|_| PathError::NotFound(requested.to_string()))?;
     let full = root
-        .join(rel_path)
+        .join(rel)
         .canonicalize()
         .map_err(|_| PathError::NotFound(requested.to_string()))?;
     if !full.starts_with(&root) {

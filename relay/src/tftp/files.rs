@@ -17,38 +17,7 @@ pub enum Refusal {
     NotFound(String),
 }
 
-/// Check a requested name and normalize it to `a/b/c` relative to the boot
-/// directory. One leading `/` is accepted (many PXE configs ask for
-/// `/pxelinux.0`); empty and `.` components are dropped. Refused: `..`, NUL,
-/// backslashes, control characters, a name that stays absolute after the
-/// strip, and a name that is empty after normalization.
-pub fn sanitize(name: &str) -> Result<String, String> {
-    if name.contains('\0') {
-        return Err("NUL in file name".into());
-    }
-    if name.contains('\\') {
-        return Err("backslash in file name".into());
-    }
-    if name.chars().any(|c| c.is_control()) {
-        return Err("control character in file name".into());
-    }
-    let rest = name.strip_prefix('/').unwrap_or(name);
-    if rest.starts_with('/') {
-        return Err("absolute path".into());
-    }
-    let mut parts = Vec::new();
-    for c in rest.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => return Err("'..' in file name".into()),
-            c => parts.push(c),
-        }
-    }
-    if parts.is_empty() {
-        return Err("no file name".into());
-    }
-    Ok(parts.join("/"))
-}
+pub use crate::files::sanitize;
 
 /// A name served from the rack state instead of the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
