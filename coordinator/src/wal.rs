@@ -83,9 +83,12 @@ impl Wal {
             .collect();
         generations.sort_unstable();
         let Some(&generation) = generations.last() else {
-            let mut wal = Wal::empty(dir, 1)?;
-            wal.rewrite()?;
-            return Ok(wal);
+            // A new, empty log: an empty file replays to the empty state.
+            let path = dir.join(wal_name(1));
+            let file = OpenOptions::new().create(true).append(true).open(&path)?;
+            file.sync_all()?;
+            sync_dir(dir)?;
+            return Ok(Wal::empty(dir, 1, file));
         };
         // Older generations are leftovers of an interrupted rewrite; the
         // newest is complete (it is renamed into place only after its fsync).
@@ -95,7 +98,11 @@ impl Wal {
         let path = dir.join(wal_name(generation));
         let mut data = Vec::new();
         File::open(&path)?.read_to_end(&mut data)?;
-        let mut wal = Wal::empty(dir, generation)?;
+        let mut wal = Wal::empty(
+            dir,
+            generation,
+            OpenOptions::new().append(true).open(&path)?,
+        );
         let valid = wal.replay(&data)?;
         if valid < data.len() {
             tracing::warn!(file = %path.display(), kept = valid, dropped = data.len() - valid, "raft WAL had a torn tail (crash during an append); cut off");
@@ -103,14 +110,11 @@ impl Wal {
             f.set_len(valid as u64)?;
             f.sync_all()?;
         }
-        wal.file = OpenOptions::new().append(true).open(&path)?;
         Ok(wal)
     }
 
-    fn empty(dir: &Path, generation: u64) -> Result<Wal, CoordError> {
-        // Placeholder handle until the real file is opened.
-        let file = File::open(dir)?;
-        Ok(Wal {
+    fn empty(dir: &Path, generation: u64, file: File) -> Wal {
+        Wal {
             dir: dir.to_path_buf(),
             generation,
             file,
@@ -118,7 +122,7 @@ impl Wal {
             entries: VecDeque::new(),
             hard_state: HardState::default(),
             compacted: (0, 0),
-        })
+        }
     }
 
     /// Apply records from `data`; returns how many bytes were valid.
