@@ -140,3 +140,24 @@ impl Default for Metrics {
         Metrics::new()
     }
 }
+
+/// Serve `/metrics` (Prometheus text from `render`) and `/healthz` on plain
+/// HTTP until `shutdown`. Shared by the coordinator and the relay.
+pub async fn serve_text<F>(
+    listener: tokio::net::TcpListener,
+    render: F,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()>
+where
+    F: Fn() -> String + Clone + Send + Sync + 'static,
+{
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move { render() }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

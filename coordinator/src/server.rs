@@ -137,18 +137,9 @@ pub async fn run(
     if let Some(ml) = listeners.metrics {
         let addr = ml.local_addr()?;
         let m = metrics.clone();
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || async move { m.render() }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
         let sd = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = axum::serve(ml, app)
-                .with_graceful_shutdown(async move { sd.cancelled().await })
-                .await
-            {
+            if let Err(e) = crate::metrics::serve_text(ml, move || m.render(), sd).await {
                 warn!(error = %e, "metrics endpoint failed");
             }
         });

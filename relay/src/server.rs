@@ -136,17 +136,10 @@ pub async fn run(
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         let m = metrics.clone();
-        let app = axum::Router::new()
-            .route(
-                "/metrics",
-                axum::routing::get(move || async move { m.render() }),
-            )
-            .route("/healthz", axum::routing::get(|| async { "ok\n" }));
         let sd = shutdown.clone();
         tracker.spawn(async move {
-            if let Err(e) = axum::serve(l, app)
-                .with_graceful_shutdown(async move { sd.cancelled().await })
-                .await
+            if let Err(e) =
+                pxemesh_coordinator::metrics::serve_text(l, move || m.render(), sd).await
             {
                 warn!(error = %e, "metrics endpoint failed");
             }
