@@ -40,9 +40,12 @@ const IDLE: Duration = Duration::from_secs(60);
 /// A client that accepts no byte for this long is dropped (a stalled reader
 /// must not pin a connection and a file descriptor forever).
 const STALL: Duration = Duration::from_secs(30);
-/// Bytes per `sendfile` call: big enough to fill any socket buffer, small
-/// enough that one connection cannot monopolise a worker.
-const SENDFILE_CHUNK: usize = 4 * 1024 * 1024;
+/// Bytes per `sendfile` call. Measured on loopback: chunks about half the
+/// autotuned send buffer keep a reader-paced connection from ever hitting
+/// EAGAIN (and the epoll round trip that follows it); 4 MiB chunks filled the
+/// buffer and cost a third of the throughput. Small enough that one
+/// connection cannot monopolise a worker either.
+const SENDFILE_CHUNK: usize = 2 * 1024 * 1024;
 const MAX_HEADERS: usize = 64;
 
 /// Accept connections until `shutdown`, then let in-flight responses finish.
@@ -279,6 +282,10 @@ async fn send_file(
             ));
         }
         left -= sent as u64;
+        if sent == want {
+            // Let the other connections on this worker have their turn.
+            tokio::task::yield_now().await;
+        }
     }
     Ok(())
 }
