@@ -12,6 +12,7 @@ pub mod files;
 pub mod http;
 pub mod http_fast;
 pub mod metrics;
+pub mod net;
 pub mod server;
 pub mod state;
 pub mod store;
