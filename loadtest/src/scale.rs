@@ -229,7 +229,7 @@ pub async fn scale(cfg: &ScaleConfig) -> Result<ScaleReport> {
                 cfg.hosts_per_rack
             );
         }
-        // Scoping holds at scale too: nothing of another rack, BMC secrets present.
+        // Scoping holds at scale too: nothing of another rack, no secrets.
         for o in &snap.objects {
             if let Some(pb::object::Record::Host(h)) = &o.record {
                 if h.rack != rack {
@@ -239,11 +239,9 @@ pub async fn scale(cfg: &ScaleConfig) -> Result<ScaleReport> {
                         h.rack
                     );
                 }
-                if h.bmc.as_ref().is_none_or(|b| b.password.is_empty()) {
-                    bail!(
-                        "rack {rack}: host {} arrived without its BMC password",
-                        h.name
-                    );
+                // BMC secrets reach relays only with a leased power job.
+                if h.bmc.as_ref().is_some_and(|b| !b.password.is_empty()) {
+                    bail!("rack {rack}: host {} arrived with its BMC password", h.name);
                 }
             }
         }
