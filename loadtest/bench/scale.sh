@@ -110,15 +110,18 @@ write_config() { # write_config ID JOIN
             "$PKI/ca.pem" "$PKI/coordinator-$i.pem" "$PKI/coordinator-$i-key.pem"
         printf '[raft]\nsnapshot_entries = %d\ncatchup_entries = %d\n' \
             "$SNAPSHOT_ENTRIES" "$((SNAPSHOT_ENTRIES / 5))"
-        if [ "$join" = false ]; then
-            for j in 1 2 3; do
-                printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$j" "${PORTS[$((j - 1))]}"
-            done
+        # The initial members; a joining node lists them too (and itself), so
+        # that it can answer the leader.
+        for j in 1 2 3; do
+            printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$j" "${PORTS[$((j - 1))]}"
+        done
+        if [ "$join" = true ]; then
+            printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$i" "${PORTS[$((i - 1))]}"
         fi
     } >"$d/coordinator.toml"
 }
 start_node() {
-    RUST_LOG=info "$BIN/pxemesh-coordinator" --config "$WORK/node$1/coordinator.toml" \
+    RUST_LOG=${COORD_LOG:-info} "$BIN/pxemesh-coordinator" --config "$WORK/node$1/coordinator.toml" \
         </dev/null >"$WORK/node$1/coordinator.log" 2>&1 &
     NODE_PID[$1]=$!
     PIDS+=($!)
