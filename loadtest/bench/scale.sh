@@ -214,9 +214,12 @@ start_node 4
 caught_ns=
 leader_applied=$("${CTL[@]}" cluster status -o json | jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max')
 for _ in $(seq 1 1200); do
+    # Until node 4 answers, pxemeshctl prints an unreachable entry (no index): 0.
     a=$("$BIN/pxemeshctl" --endpoints "127.0.0.1:${PORTS[3]}" --tls-dir "$PKI" --cert-stem admin --timeout 2 \
-        cluster status -o json 2>/dev/null | jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max' 2>/dev/null || echo 0)
-    if [ "${a:-0}" != null ] && [ "${a:-0}" -ge "$leader_applied" ]; then caught_ns=$(date +%s%N); break; fi
+        cluster status -o json 2>/dev/null |
+        jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max // 0' 2>/dev/null | head -n1)
+    case "$a" in '' | *[!0-9]*) a=0 ;; esac
+    if [ "$a" -ge "$leader_applied" ]; then caught_ns=$(date +%s%N); break; fi
     sleep 0.05
 done
 [ -n "$caught_ns" ] || die "node 4 did not catch up within 60 s; see $WORK/node4/coordinator.log"
