@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cloudstack;
 pub mod config;
 pub mod crypto;
 pub mod error;
