@@ -8,9 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cloudstack_sim::{Failure, Sim, API_KEY, SECRET};
 use pxemesh_coordinator::cloudstack::client::params;
-use pxemesh_coordinator::cloudstack::model::{CsHost, Pod, Template, VirtualMachine, Zone};
+use pxemesh_coordinator::cloudstack::model::{CsHost, Zone};
 use pxemesh_coordinator::cloudstack::{
-    plan, sign, Client, ClientSettings, CsError, Inputs, Mapping, SecretKey,
+    fetch, notify_provision_done, plan, sign, Client, ClientSettings, CsError, Inputs, Mapping,
+    SecretKey,
 };
 use serde_json::{json, Value};
 
@@ -172,14 +173,9 @@ async fn async_job_is_polled_to_completion() {
     let sim = Sim::start().await;
     sim.state.lock().unwrap().job_pending_polls = 3;
     let c = client(&sim);
-    let result = c
-        .call_async(
-            "notifyBaremetalProvisionDone",
-            &params(&[("mac", "52:54:00:00:01:07")]),
-        )
+    notify_provision_done(&c, "52:54:00:00:01:07")
         .await
         .unwrap();
-    assert_eq!(result["success"], true);
     let st = sim.state.lock().unwrap();
     assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
     let job = st.jobs.values().next().unwrap();
@@ -251,6 +247,7 @@ async fn errors_are_mapped() {
         count: 1,
         http_status: 530,
         error: Some((530, "Internal error executing command".into())),
+        command: None,
     });
     match c.call("listZones", &[]).await {
         Err(CsError::Api {
@@ -267,6 +264,7 @@ async fn errors_are_mapped() {
         count: 1,
         http_status: 500,
         error: None,
+        command: None,
     });
     assert!(matches!(
         c.call("listZones", &[]).await,
@@ -301,6 +299,7 @@ async fn errors_are_mapped() {
         count: 1,
         http_status: 503,
         error: Some((530, "busy".into())),
+        command: None,
     });
     assert!(matches!(
         paged.list_all::<CsHost>("listHosts", &[], "host").await,
@@ -395,35 +394,21 @@ async fn listing_feeds_the_planner() {
     );
     sim.set(
         "templates",
-        vec![json!({"id": "t1", "name": "c7", "hypervisor": "BareMetal",
+        vec![json!({"id": "t1", "name": "c7", "hypervisor": "BareMetal", "zoneid": "z1",
                     "url": "ks=http://10.0.0.5/c7.cfg;kernel=10.0.0.5:/c7/vmlinuz;initrd=10.0.0.5:/c7/initrd.img"})],
     );
     let mut s = settings(&sim);
     s.page_size = 3;
     let c = Client::new(s).unwrap();
+    let listing = fetch(&c, &["Z".to_string()]).await.unwrap();
+    assert_eq!(listing.zones.len(), 1);
+    assert_eq!(listing.hosts.len(), 7, "paged by 3");
     let inputs = Inputs {
-        zones: c.list_all::<Zone>("listZones", &[], "zone").await.unwrap(),
-        pods: c.list_all::<Pod>("listPods", &[], "pod").await.unwrap(),
-        hosts: c
-            .list_all::<CsHost>("listHosts", &params(&[("hypervisor", "BareMetal")]), "host")
-            .await
-            .unwrap(),
-        vms: c
-            .list_all::<VirtualMachine>(
-                "listVirtualMachines",
-                &params(&[("hypervisor", "BareMetal"), ("listall", "true")]),
-                "virtualmachine",
-            )
-            .await
-            .unwrap(),
-        templates: c
-            .list_all::<Template>(
-                "listTemplates",
-                &params(&[("templatefilter", "all")]),
-                "template",
-            )
-            .await
-            .unwrap(),
+        zones: listing.zones,
+        pods: listing.pods,
+        hosts: listing.hosts,
+        vms: listing.vms,
+        templates: listing.templates,
         mapping: Mapping {
             pod_racks: [("POD0".to_string(), "rack-a".to_string())].into(),
             bmc_username: "ADMIN".into(),
@@ -447,7 +432,18 @@ async fn listing_feeds_the_planner() {
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     assert_eq!(p.hosts[0].bmc.as_ref().unwrap().address, "172.16.15.10");
     assert_eq!(p.hosts[0].profile.as_deref(), Some("cs-t1"));
-    assert!(sim.state.lock().unwrap().rejected.is_empty());
+    let st = sim.state.lock().unwrap();
+    assert!(st.rejected.is_empty());
+    assert!(
+        st.accepted.iter().all(|(c, _)| c.starts_with("list")),
+        "a sync only reads: {:?}",
+        st.accepted
+    );
+    assert_eq!(
+        st.accepted.iter().filter(|(c, _)| c == "listPods").count(),
+        1,
+        "zone z2 skipped"
+    );
 }
 
 /// TLS: the management server's certificate is verified against `ca_file`;

@@ -471,8 +471,6 @@ impl Client {
         let started = Instant::now();
         let mut delay = s.poll_initial;
         loop {
-            // A job may already be done in the submit answer (some servers
-            // include jobstatus there).
             let answer = self
                 .call("queryAsyncJobResult", &params_owned(&[("jobid", &jobid)]))
                 .await?;

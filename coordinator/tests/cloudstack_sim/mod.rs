@@ -36,6 +36,8 @@ pub struct Failure {
     /// `Some((errorcode, errortext))` → CloudStack error JSON; `None` → an
     /// HTML body (a proxy's error page).
     pub error: Option<(u32, String)>,
+    /// Only calls of this command fail (others pass untouched).
+    pub command: Option<&'static str>,
 }
 
 #[derive(Clone, Debug)]
@@ -367,7 +369,8 @@ async fn api(State(state): State<Arc<Mutex<SimState>>>, RawQuery(raw): RawQuery)
     st.accepted.push((command.clone(), page));
 
     if let Some(f) = st.failure.as_mut() {
-        if f.count > 0 {
+        let applies = f.command.is_none_or(|c| c.eq_ignore_ascii_case(&command));
+        if f.count > 0 && applies {
             f.count -= 1;
             let f = f.clone();
             return match f.error {
