@@ -1,5 +1,7 @@
 //! `pxemesh-loadtest`: command-line front of the `pxemesh_loadtest` library.
 
+mod cli_storm;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -25,6 +27,18 @@ enum Cmd {
     Writes(WritesArgs),
     /// Time from an acknowledged write until every watching relay has it.
     Propagation(PropagationArgs),
+    /// Boot storm: simulated hosts through DHCP, TFTP and HTTP boot.
+    Storm(Box<cli_storm::StormArgs>),
+    /// Write the static-mode rack file reserving a storm's hosts.
+    StormRack(cli_storm::StormRackArgs),
+    /// DHCP rate sweep (not yet: use `storm`).
+    Dhcp,
+    /// TFTP-only load (not yet: use `storm --profile tftp`).
+    Tftp,
+    /// HTTP-only load (not yet: use `storm`).
+    Http,
+    /// IPMI load (not yet: part of the IPMI work).
+    Ipmi,
 }
 
 #[derive(Args)]
@@ -160,6 +174,11 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Cmd::Storm(a) => cli_storm::storm(*a).await,
+        Cmd::StormRack(a) => cli_storm::storm_rack(&a),
+        Cmd::Dhcp | Cmd::Tftp | Cmd::Http | Cmd::Ipmi => {
+            bail!("this driver is not implemented yet; `storm` drives DHCP, TFTP and HTTP together")
         }
         Cmd::Propagation(a) => {
             let cfg = pxemesh_loadtest::propagation::PropagationConfig {
