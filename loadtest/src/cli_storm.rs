@@ -316,3 +316,140 @@ pub async fn storm(a: StormArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Args)]
+pub struct TftpArgs {
+    /// TFTP server (host:port).
+    #[arg(long, default_value = "127.0.0.1:69")]
+    pub server: SocketAddr,
+    #[arg(long, default_value = "undionly.kpxe")]
+    pub file: String,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub count: u64,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    #[arg(long, default_value_t = 1468, value_parser = clap::value_parser!(u16).range(8..=65464))]
+    pub blksize: u16,
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub windowsize: u16,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: u64,
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct HttpArgs {
+    /// URL to fetch (http://address[:port]/path).
+    #[arg(long)]
+    pub url: String,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub count: u64,
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub concurrency: u64,
+    /// Inactivity timeout, seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct DhcpArgs {
+    /// The reserved hosts (the same as `storm-rack` wrote for the server).
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[arg(long, default_value = "127.0.0.1:67")]
+    pub dhcp_server: SocketAddr,
+    #[arg(long, default_value_t = 67)]
+    pub agent_port: u16,
+    /// DORA exchanges started per second, one rate after another.
+    #[arg(long, value_delimiter = ',', default_value = "100,500,1000,2000")]
+    pub rates: Vec<f64>,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// How long to wait for each OFFER and ACK (no retransmission).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub wait_ms: u64,
+    /// A rate passes with at most this share of lost exchanges.
+    #[arg(long, default_value_t = 1.0)]
+    pub max_lost_pct: f64,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+fn write_json<T: serde::Serialize>(path: &Option<PathBuf>, v: &T) -> Result<()> {
+    if let Some(p) = path {
+        std::fs::write(p, serde_json::to_vec_pretty(v)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+pub async fn tftp_driver(a: TftpArgs) -> Result<()> {
+    let opts = tftp::TftpOptions {
+        blksize: a.blksize,
+        windowsize: a.windowsize,
+        timeout: Duration::from_millis(a.timeout_ms),
+        retries: a.retries,
+    };
+    let r = storm::drivers::tftp(
+        a.server,
+        a.file,
+        opts,
+        a.count as usize,
+        a.concurrency as usize,
+    )
+    .await?;
+    print!("{}", r.to_text());
+    write_json(&a.json, &r)?;
+    if r.failed > 0 {
+        bail!("{} of {} transfers failed", r.failed, r.count);
+    }
+    Ok(())
+}
+
+pub async fn http_driver(a: HttpArgs) -> Result<()> {
+    let r = storm::drivers::http(
+        a.url,
+        Duration::from_secs(a.timeout),
+        a.count as usize,
+        a.concurrency as usize,
+    )
+    .await?;
+    print!("{}", r.to_text());
+    write_json(&a.json, &r)?;
+    if r.failed > 0 {
+        bail!("{} of {} requests failed", r.failed, r.count);
+    }
+    Ok(())
+}
+
+pub async fn dhcp_driver(a: DhcpArgs) -> Result<()> {
+    let fleet = a.fleet.fleet()?;
+    let mode = dhcp::Mode::Agent {
+        server: a.dhcp_server,
+        giaddr: fleet.giaddr(),
+        agent_port: a.agent_port,
+    };
+    let r = storm::drivers::dhcp_sweep(
+        &mode,
+        &fleet,
+        &a.rates,
+        a.seconds,
+        Duration::from_millis(a.wait_ms),
+        a.max_lost_pct,
+    )
+    .await?;
+    print!("{}", r.to_text());
+    write_json(&a.json, &r)?;
+    if r.best_rate.is_none() {
+        bail!(
+            "no rate passed (more than {} % lost at every rate)",
+            a.max_lost_pct
+        );
+    }
+    Ok(())
+}

@@ -31,12 +31,12 @@ enum Cmd {
     Storm(Box<cli_storm::StormArgs>),
     /// Write the static-mode rack file reserving a storm's hosts.
     StormRack(cli_storm::StormRackArgs),
-    /// DHCP rate sweep (not yet: use `storm`).
-    Dhcp,
-    /// TFTP-only load (not yet: use `storm --profile tftp`).
-    Tftp,
-    /// HTTP-only load (not yet: use `storm`).
-    Http,
+    /// DHCP rate sweep: DORA of reserved hosts at increasing rates.
+    Dhcp(cli_storm::DhcpArgs),
+    /// Concurrent TFTP transfers of one file.
+    Tftp(cli_storm::TftpArgs),
+    /// Concurrent HTTP downloads of one URL.
+    Http(cli_storm::HttpArgs),
     /// IPMI load (not yet: part of the IPMI work).
     Ipmi,
 }
@@ -177,9 +177,10 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Storm(a) => cli_storm::storm(*a).await,
         Cmd::StormRack(a) => cli_storm::storm_rack(&a),
-        Cmd::Dhcp | Cmd::Tftp | Cmd::Http | Cmd::Ipmi => {
-            bail!("this driver is not implemented yet; `storm` drives DHCP, TFTP and HTTP together")
-        }
+        Cmd::Dhcp(a) => cli_storm::dhcp_driver(a).await,
+        Cmd::Tftp(a) => cli_storm::tftp_driver(a).await,
+        Cmd::Http(a) => cli_storm::http_driver(a).await,
+        Cmd::Ipmi => bail!("the ipmi driver is not implemented yet (it comes with the IPMI work)"),
         Cmd::Propagation(a) => {
             let cfg = pxemesh_loadtest::propagation::PropagationConfig {
                 endpoints: a.endpoints,

@@ -71,6 +71,7 @@ struct Relay {
     dhcp: u16,
     agent: u16,
     tftp: u16,
+    http: u16,
     file_bytes: u64,
 }
 
@@ -128,6 +129,7 @@ impl Relay {
             dhcp,
             agent,
             tftp,
+            http,
             file_bytes,
         };
         let give_up = Instant::now() + Duration::from_secs(20);
@@ -268,7 +270,8 @@ fn storm_of_200_hosts_against_the_relay() {
         assert!(p50 > 0.0 && p50 <= p99 && p99 <= max, "{p}: {l}");
     }
     let last = run["time_to_last_host_s"].as_f64().unwrap();
-    assert!(last > 0.0 && last <= run["wall_s"].as_f64().unwrap() + 1e-6);
+    // (rounded to the millisecond)
+    assert!(last > 0.0 && last <= run["wall_s"].as_f64().unwrap() + 0.001);
     let comp = run["completions"].as_array().unwrap();
     assert_eq!(comp.last().unwrap(), 200);
     // The relay saw every host's provision-done callback.
@@ -392,4 +395,115 @@ fn relay_stopped_mid_run_is_counted_not_hidden() {
     // The HTML report shows the failures too.
     let html = std::fs::read_to_string(relay.path("storm.html")).unwrap();
     assert!(html.contains("failures by cause") && html.contains("no OFFER"));
+}
+
+#[test]
+fn single_protocol_drivers_against_the_relay() {
+    let relay = Relay::start(100);
+    let json = |name: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(relay.path(name)).unwrap()).unwrap()
+    };
+    let run = |args: &[&str], json_name: &str| {
+        let out = Command::new(LOADTEST)
+            .args(args)
+            .arg("--json")
+            .arg(relay.path(json_name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", show(&out));
+    };
+    let tftp = format!("127.0.0.1:{}", relay.tftp);
+    run(
+        &[
+            "tftp",
+            "--server",
+            &tftp,
+            "--file",
+            "storm/vmlinuz",
+            "--count",
+            "40",
+            "--concurrency",
+            "8",
+            "--windowsize",
+            "4",
+        ],
+        "tftp.json",
+    );
+    let t = json("tftp.json");
+    assert_eq!(
+        (t["ok"].as_u64(), t["failed"].as_u64()),
+        (Some(40), Some(0)),
+        "{t}"
+    );
+    assert_eq!(t["bytes"].as_u64().unwrap(), 40 * 256 * 1024);
+    assert_eq!(t["latency_ms"]["count"], 40);
+
+    let url = format!("http://127.0.0.1:{}/files/storm/initrd.img", relay.http);
+    run(
+        &[
+            "http",
+            "--url",
+            &url,
+            "--count",
+            "30",
+            "--concurrency",
+            "10",
+        ],
+        "http.json",
+    );
+    let h = json("http.json");
+    assert_eq!(h["ok"], 30, "{h}");
+    assert_eq!(h["bytes"].as_u64().unwrap(), 30 * (512 * 1024 + 5));
+
+    let dhcp = format!("127.0.0.1:{}", relay.dhcp);
+    run(
+        &[
+            "dhcp",
+            "--hosts",
+            "100",
+            "--dhcp-server",
+            &dhcp,
+            "--agent-port",
+            &relay.agent.to_string(),
+            "--rates",
+            "20,100",
+            "--seconds",
+            "1",
+            "--max-lost-pct",
+            "5",
+        ],
+        "dhcp.json",
+    );
+    let d = json("dhcp.json");
+    let points = d["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    assert_eq!(points[0]["started"], 20);
+    assert_eq!(points[1]["started"], 100);
+    for p in points {
+        assert_eq!(
+            p["completed"].as_u64().unwrap()
+                + p["lost"].as_u64().unwrap()
+                + p["nak"].as_u64().unwrap(),
+            p["started"].as_u64().unwrap()
+        );
+    }
+    assert_eq!(points[0]["completed"], 20, "{d}");
+    assert!(d["best_rate"].as_f64().is_some(), "{d}");
+
+    // A TFTP driver against a file that is not there fails, with the cause.
+    let out = Command::new(LOADTEST)
+        .args([
+            "tftp", "--server", &tftp, "--file", "nope.bin", "--count", "3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("server error 1"),
+        "{}",
+        show(&out)
+    );
+    let out = Command::new(LOADTEST).arg("ipmi").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"));
 }

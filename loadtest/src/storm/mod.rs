@@ -19,6 +19,7 @@
 
 pub mod baseline;
 pub mod dhcp;
+pub mod drivers;
 pub mod fleet;
 pub mod html;
 pub mod http;

@@ -30,7 +30,7 @@ const CDF_POINTS: [f64; 21] = [
 ];
 
 impl Latency {
-    fn of(samples: impl Iterator<Item = f64>) -> anyhow::Result<Latency> {
+    pub(crate) fn of(samples: impl Iterator<Item = f64>) -> anyhow::Result<Latency> {
         // Microseconds, 3 significant digits, auto-resizing.
         let mut h = Histogram::<u64>::new(3)?;
         for ms in samples {
