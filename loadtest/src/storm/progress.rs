@@ -13,6 +13,7 @@ use super::{Live, StormConfig};
 
 pub struct Progress {
     bars: Vec<ProgressBar>,
+    live: Arc<Live>,
     task: Option<tokio::task::JoinHandle<()>>,
     stop: CancellationToken,
 }
@@ -28,6 +29,7 @@ impl Progress {
         if !cfg.progress || !std::io::stderr().is_terminal() {
             return Progress {
                 bars: Vec::new(),
+                live,
                 task: None,
                 stop,
             };
@@ -54,20 +56,10 @@ impl Progress {
                 b
             })
             .collect();
-        let (b2, s2) = (bars.clone(), stop.clone());
+        let (b2, s2, l2) = (bars.clone(), stop.clone(), live.clone());
         let task = tokio::spawn(async move {
             loop {
-                let l = &live;
-                b2[0].set_position(l.arrived.load(Ordering::Relaxed));
-                b2[1].set_position(l.past_dhcp.load(Ordering::Relaxed));
-                b2[2].set_position(l.past_tftp.load(Ordering::Relaxed));
-                b2[3].set_position(l.done.load(Ordering::Relaxed));
-                b2[3].set_message(format!(
-                    "failed {} retries {} {:.0} MiB",
-                    l.failed.load(Ordering::Relaxed),
-                    l.retries.load(Ordering::Relaxed),
-                    l.bytes.load(Ordering::Relaxed) as f64 / 1048576.0
-                ));
+                update(&b2, &l2);
                 tokio::select! {
                     _ = s2.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -76,6 +68,7 @@ impl Progress {
         });
         Progress {
             bars,
+            live,
             task: Some(task),
             stop,
         }
@@ -86,8 +79,25 @@ impl Progress {
         if let Some(t) = self.task.take() {
             t.abort();
         }
+        update(&self.bars, &self.live);
         for b in &self.bars {
             b.abandon();
         }
     }
+}
+
+fn update(bars: &[ProgressBar], l: &Live) {
+    let [arrived, dhcp, tftp, done] = bars else {
+        return;
+    };
+    arrived.set_position(l.arrived.load(Ordering::Relaxed));
+    dhcp.set_position(l.past_dhcp.load(Ordering::Relaxed));
+    tftp.set_position(l.past_tftp.load(Ordering::Relaxed));
+    done.set_position(l.done.load(Ordering::Relaxed));
+    done.set_message(format!(
+        "failed {} retries {} {:.0} MiB",
+        l.failed.load(Ordering::Relaxed),
+        l.retries.load(Ordering::Relaxed),
+        l.bytes.load(Ordering::Relaxed) as f64 / 1048576.0
+    ));
 }
