@@ -203,6 +203,9 @@ pub struct StormArgs {
     pub rack: String,
     #[arg(long, default_value = fleet::NETWORK)]
     pub network: String,
+    /// After --register, wait this long for relays to receive the hosts.
+    #[arg(long, default_value_t = 2.0)]
+    pub register_settle_seconds: f64,
 }
 
 impl StormArgs {
@@ -272,6 +275,10 @@ pub async fn storm(a: StormArgs) -> Result<()> {
         };
         let r = register::register(&reg, &cfg.fleet, &a.fleet.files()).await?;
         eprintln!("registered {} hosts in rack {}", cfg.fleet.count, a.rack);
+        tokio::time::sleep(Duration::from_secs_f64(
+            a.register_settle_seconds.clamp(0.0, 600.0),
+        ))
+        .await;
         Some(r)
     } else {
         None
