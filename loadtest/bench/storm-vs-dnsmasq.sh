@@ -27,7 +27,8 @@
 #   BLKSIZE [1468]  WINDOWSIZE [1]  TFTP_TIMEOUT_MS [2000]  TFTP_RETRIES [8]
 #   DHCP_TIMEOUT_MS [4000]  MAX_SECONDS [3600]  RELAY_LOG [warn]
 #   CONTENT_TMPDIR [/dev/shm]: the boot files (tmpfs, as in relay-vs-references.sh)
-#   SKIP_BUILD [0]  RESULTS_DIR
+#   SKIP_BUILD [0]  BUILD_PROFILE [release] (debug: a quick smoke run of this script)
+#   RESULTS_DIR
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -44,6 +45,7 @@ MAX_SECONDS=${MAX_SECONDS:-3600}
 RELAY_LOG=${RELAY_LOG:-warn}
 CONTENT_TMPDIR=${CONTENT_TMPDIR:-/dev/shm}
 SKIP_BUILD=${SKIP_BUILD:-0}
+BUILD_PROFILE=${BUILD_PROFILE:-release}
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/target/bench-results/storm-$(date -u +%Y%m%dT%H%M%SZ)}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
@@ -88,9 +90,9 @@ if [ "$SKIP_BUILD" != 1 ]; then
     log "building release binaries"
     (cd "$ROOT" && cargo build --release -q -p pxemesh-relay -p pxemesh-loadtest)
 fi
-RELAY=$TARGET_DIR/release/pxemesh-relay
-LOADTEST=$TARGET_DIR/release/pxemesh-loadtest
-[ -x "$RELAY" ] && [ -x "$LOADTEST" ] || die "release binaries missing under $TARGET_DIR/release"
+RELAY=$TARGET_DIR/$BUILD_PROFILE/pxemesh-relay
+LOADTEST=$TARGET_DIR/$BUILD_PROFILE/pxemesh-loadtest
+[ -x "$RELAY" ] && [ -x "$LOADTEST" ] || die "binaries missing under $TARGET_DIR/$BUILD_PROFILE"
 
 mkdir -p "$RESULTS_DIR"
 CONTENT=$(mktemp -d "$CONTENT_TMPDIR/pxm-storm.XXXXXX")
