@@ -7,6 +7,7 @@
 
 pub mod etcd;
 pub mod propagation;
+pub mod scale;
 pub mod storm;
 pub mod writes;
 
