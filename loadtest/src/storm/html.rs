@@ -189,7 +189,7 @@ pub fn render(res: &StormResults) -> String {
          td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} th{{background:#f4f4f4}} td:first-child,th:first-child{{text-align:left}}\n\
          .charts{{display:flex;flex-wrap:wrap;gap:16px}} svg.chart{{background:#fff;border:1px solid #eee}}\n\
          .title{{font-size:14px;font-weight:bold}} .tick{{font-size:11px;fill:#555}} .axis{{font-size:12px}} .legend{{font-size:12px}}\n\
-         .bad{{color:#b00}} pre{{white-space:pre-wrap}}\n</style></head><body>\n<h1>{}</h1>\n<p>{} &middot; {} &middot; {}</p>\n",
+         .bad{{color:#b00}} pre{{white-space:pre-wrap;word-break:break-all}}\n</style></head><body>\n<h1>{}</h1>\n<p>{} &middot; {} &middot; {}</p>\n",
         esc(&title),
         esc(&title),
         esc(&res.started_utc),
