@@ -29,6 +29,7 @@ pub struct Metrics {
     pub log_syncs: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
+    pub images: crate::images::ImageMetrics,
 }
 
 impl Metrics {
@@ -50,6 +51,7 @@ impl Metrics {
             log_syncs: Counter::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
+            images: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -123,6 +125,7 @@ impl Metrics {
             "Calls refused by authorization",
             m.auth_denied.clone(),
         );
+        m.images.register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -40,6 +40,8 @@ pub struct HttpContext {
     pub loaders: Arc<LoaderTracker>,
     /// sha256 ETags by (path, length, mtime): computed once per file version.
     etags: Mutex<HashMap<(PathBuf, u64, SystemTime), String>>,
+    /// Image cache (sync mode): serves `/files/images/<image>/<path>`.
+    pub cache: Option<Arc<crate::cache::BlobCache>>,
 }
 
 impl HttpContext {
@@ -57,6 +59,7 @@ impl HttpContext {
             metrics,
             loaders,
             etags: Mutex::new(HashMap::new()),
+            cache: None,
         }
     }
 }
@@ -280,6 +283,45 @@ async fn etag_for(
     Ok(tag)
 }
 
+/// A file of the boot directory, opened, with its length and sha256 ETag.
+async fn open_boot_file(
+    ctx: &HttpContext,
+    path: &str,
+    peer: &SocketAddr,
+) -> Result<(tokio::fs::File, u64, String), Response> {
+    let full = match files::resolve(&ctx.config.boot.dir, path) {
+        Ok(p) => p,
+        Err(PathError::Forbidden(p)) => {
+            ctx.metrics.http("files", 403);
+            warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
+            return Err(text(
+                StatusCode::FORBIDDEN,
+                format!("access violation: {p}"),
+            ));
+        }
+        Err(PathError::NotFound(p)) => {
+            ctx.metrics.http("files", 404);
+            return Err(text(StatusCode::NOT_FOUND, format!("file not found: {p}")));
+        }
+    };
+    let opened = async {
+        let f = tokio::fs::File::open(&full).await?;
+        let meta = f.metadata().await?;
+        let len = meta.len();
+        let etag = etag_for(ctx, &full, len, meta.modified()?).await?;
+        Ok::<_, std::io::Error>((f, len, etag))
+    }
+    .await;
+    opened.map_err(|e| {
+        ctx.metrics.http("files", 500);
+        warn!(path = %full.display(), error = %e, "cannot read boot file");
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read {path}: {e}"),
+        )
+    })
+}
+
 async fn file(
     State(ctx): State<Ctx>,
     method: Method,
@@ -287,23 +329,33 @@ async fn file(
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    let full = match files::resolve(&ctx.config.boot.dir, &path) {
-        Ok(p) => p,
-        Err(PathError::Forbidden(p)) => {
-            ctx.metrics.http("files", 403);
-            warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
-            return text(StatusCode::FORBIDDEN, format!("access violation: {p}"));
+    // Image files come from the cache (ETag = the blob's digest), the rest
+    // from the boot directory.
+    let blob = match (&ctx.cache, files::sanitize(&path)) {
+        (Some(cache), Ok(rel)) => {
+            crate::cache::resolve(&ctx.state.load(), &rel).map(|(d, _)| (cache.clone(), d))
         }
-        Err(PathError::NotFound(p)) => {
-            ctx.metrics.http("files", 404);
-            return text(StatusCode::NOT_FOUND, format!("file not found: {p}"));
-        }
+        _ => None,
+    };
+    let opened = match blob {
+        Some((cache, digest)) => match cache.open_blob(&digest).await {
+            Ok((f, len)) => (tokio::fs::File::from_std(f), len, format!("\"{digest}\"")),
+            Err(e) => {
+                ctx.metrics.http("files", 503);
+                warn!(%peer, path = %path, error = %e, "image file unavailable");
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("image file {path} unavailable: {e}"),
+                );
+            }
+        },
+        None => match open_boot_file(&ctx, &path, &peer).await {
+            Ok(x) => x,
+            Err(resp) => return resp,
+        },
     };
     let served = async {
-        let mut f = tokio::fs::File::open(&full).await?;
-        let meta = f.metadata().await?;
-        let len = meta.len();
-        let etag = etag_for(&ctx, &full, len, meta.modified()?).await?;
+        let (mut f, len, etag) = opened;
         if headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
@@ -338,7 +390,7 @@ async fn file(
         Ok(x) => x,
         Err(e) => {
             ctx.metrics.http("files", 500);
-            warn!(path = %full.display(), error = %e, "cannot read boot file");
+            warn!(path = %path, error = %e, "cannot read boot file");
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot read {path}: {e}"),

@@ -629,7 +629,7 @@ async fn heartbeat_loop(
             let req = pb::HeartbeatRequest {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_seconds: started.elapsed().as_secs(),
-                cache_bytes: 0,
+                cache_bytes: u64::try_from(metrics.cache.bytes.get()).unwrap_or(0),
                 counters: counters(metrics),
                 applied_revision: durable.load(Ordering::Acquire),
             };
