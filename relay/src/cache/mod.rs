@@ -369,7 +369,7 @@ impl BlobCache {
                     Ok(n) => {
                         info!(digest = %d, bytes = n, endpoint = %ep, ms = t.elapsed().as_millis() as u64, "image cache: blob fetched and verified");
                         self.touch(d);
-                        self.evict();
+                        self.evict(Some(d));
                         return Ok(());
                     }
                     Err(e) => {
@@ -393,8 +393,9 @@ impl BlobCache {
         self.pinned.load().contains(d)
     }
 
-    /// Delete least-recently-used unpinned blobs until the budget holds.
-    pub fn evict(&self) {
+    /// Delete least-recently-used unpinned blobs until the budget holds;
+    /// `keep` (the blob just fetched, about to be served) is spared.
+    pub fn evict(&self, keep: Option<&Digest>) {
         let list = self.store.list();
         let mut total: u64 = list.iter().map(|(_, n)| *n).sum();
         let budget = self.config.budget_bytes;
@@ -408,7 +409,7 @@ impl BlobCache {
             let lru = self.lru.lock().map(|l| l.clone()).unwrap_or_default();
             let mut candidates: Vec<(u64, Digest, u64)> = list
                 .into_iter()
-                .filter(|(d, _)| !pinned.contains(d) && !busy.contains(d))
+                .filter(|(d, _)| !pinned.contains(d) && !busy.contains(d) && Some(d) != keep)
                 .map(|(d, n)| (lru.get(&d).copied().unwrap_or(0), d, n))
                 .collect();
             candidates.sort();
