@@ -119,6 +119,10 @@ impl RackState {
         self.images.get(name)
     }
 
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.images.values()
+    }
+
     pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
         self.profiles.values()
     }

@@ -148,6 +148,7 @@ async fn image_store_and_relay_cache_end_to_end() {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
+    let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let ca = Ca::generate(TD, 1).unwrap();
@@ -238,6 +239,7 @@ async fn image_store_and_relay_cache_end_to_end() {
     )
     .await;
 
+    eprintln!("[{:?}] Phase 1", t0.elapsed());
     // --- Phase 1: push images to coordinator 1.
     let src = d.join("src");
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
@@ -327,6 +329,7 @@ async fn image_store_and_relay_cache_end_to_end() {
     // Coordinator 1 (where everything was pushed) goes away.
     stop(&mut coords[0]).await;
 
+    eprintln!("[{:?}] Phase 2", t0.elapsed());
     // --- Phase 2: the relay (coordinator 1 first in its list).
     let http_port = free_port();
     let tftp_port = free_port();
@@ -340,7 +343,7 @@ async fn image_store_and_relay_cache_end_to_end() {
          [coordinators]\nendpoints = [{eps}]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nheartbeat_seconds = 1\n\
          [dhcp]\nenabled = false\n[tftp]\nlisten = \"127.0.0.1:{tftp_port}\"\n\
          [http]\nlisten = \"127.0.0.1:{http_port}\"\n[boot]\ndir = \"{boot}\"\n\
-         [cache]\nbudget_bytes = {budget}\n",
+         [cache]\nbudget_bytes = {budget}\ngc_grace_seconds = 1\n",
         data = relay_data.display(),
         eps = addrs
             .iter()
@@ -412,6 +415,7 @@ async fn image_store_and_relay_cache_end_to_end() {
         b"404"
     );
 
+    eprintln!("[{:?}] Phase 3", t0.elapsed());
     // --- Phase 3: 200 concurrent requests for a blob the relay lacks.
     let big = sha(&files["big/blob.bin"]);
     assert!(!cache_file(&big).exists());
@@ -438,10 +442,11 @@ async fn image_store_and_relay_cache_end_to_end() {
         assert!(c.wait().unwrap().success(), "a storm request failed");
     }
     eprintln!("200 concurrent cold requests done in {:?}", t.elapsed());
+    let want = &files["big/blob.bin"];
     for i in 0..200 {
         let b = std::fs::read(outdir.join(format!("{i}.bin"))).unwrap();
-        assert_eq!(b.len(), files["big/blob.bin"].len(), "response {i} length");
-        assert_eq!(sha(&b), big, "response {i} content");
+        assert_eq!(b.len(), want.len(), "response {i} length");
+        assert!(b == *want, "response {i} content differs");
     }
     let fetches = metric(metrics_port, "pxemesh_relay_cache_upstream_fetches_total");
     assert_eq!(
@@ -450,6 +455,7 @@ async fn image_store_and_relay_cache_end_to_end() {
         "exactly one upstream fetch for 200 concurrent requests"
     );
 
+    eprintln!("[{:?}] Phase 4", t0.elapsed());
     // --- Phase 4: corrupt the cached blob on disk.
     {
         let mut f = std::fs::OpenOptions::new()
@@ -473,6 +479,7 @@ async fn image_store_and_relay_cache_end_to_end() {
     let on_disk = std::fs::read(cache_file(&big)).unwrap();
     assert_eq!(sha(&on_disk), big, "replaced on disk");
 
+    eprintln!("[{:?}] Phase 5", t0.elapsed());
     // --- Phase 5: budget (14 MiB; pinned 5 MiB + big 8 MiB held).
     // Unpinned and least recently used first: the README (phase 2), then big.
     let readme = sha(b"pxemesh test image\n");
@@ -507,6 +514,7 @@ async fn image_store_and_relay_cache_end_to_end() {
     let cached = metric(metrics_port, "pxemesh_relay_cache_bytes");
     assert_eq!(cached as usize, 2 * MIB + 3 * MIB + 4 * MIB + 4 * MIB);
 
+    eprintln!("[{:?}] The heartbeat reports", t0.elapsed());
     // The heartbeat reports the cache size to the coordinators.
     let mut c2 = admin_client(&coords[1].addr, admin_tls.clone()).await;
     let t = Instant::now();
@@ -533,6 +541,25 @@ async fn image_store_and_relay_cache_end_to_end() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    eprintln!("[{:?}] Phase 6", t0.elapsed());
+    // Deleting an image removes its blobs from the cache after the grace
+    // period (1 s here); the others stay.
+    c2.delete(pb::DeleteRequest {
+        kind: pb::Kind::Image as i32,
+        name: "u3".into(),
+    })
+    .await
+    .unwrap();
+    until("u3's blob collected", Duration::from_secs(15), || {
+        !cache_file(&u("u3")).exists()
+    })
+    .await;
+    assert!(cache_file(&u("u1")).exists() && cache_file(&kernel).exists());
+    assert_eq!(
+        metric(metrics_port, "pxemesh_relay_cache_collected_total"),
+        1.0
+    );
+
     // --- Phase 6: every coordinator down; the cache keeps serving.
     for c in coords.iter_mut() {
         stop(c).await;
@@ -547,6 +574,7 @@ async fn image_store_and_relay_cache_end_to_end() {
     ])
     .stdout;
     assert_eq!(sha(&got), kernel, "TFTP with coordinators down");
+    eprintln!("[{:?}] A blob evicted earlier", t0.elapsed());
     // A blob evicted earlier cannot be fetched now: a clear 503, not a hang.
     let code = curl(&[
         "-s",

@@ -57,6 +57,8 @@ pub struct CacheConfig {
     pub prefetch: bool,
     /// Longest time a client waits for a blob being downloaded.
     pub fetch_timeout_seconds: u64,
+    /// A cached blob no manifest references any more is deleted after this long.
+    pub gc_grace_seconds: u64,
 }
 
 impl Default for CacheConfig {
@@ -66,6 +68,7 @@ impl Default for CacheConfig {
             scrub_interval_seconds: 6 * 3600,
             prefetch: true,
             fetch_timeout_seconds: 300,
+            gc_grace_seconds: 3600,
         }
     }
 }
@@ -81,6 +84,7 @@ pub struct CacheMetrics {
     pub upstream_bytes: Counter,
     pub evictions: Counter,
     pub corrupt: Counter,
+    pub collected: Counter,
 }
 
 impl CacheMetrics {
@@ -129,6 +133,11 @@ impl CacheMetrics {
             "cache_corrupt",
             "Cached blobs found corrupt on disk (removed, never served, fetched again)",
             self.corrupt.clone(),
+        );
+        r.register(
+            "cache_collected",
+            "Cached blobs deleted after their image was deleted (grace period)",
+            self.collected.clone(),
         );
     }
 }
@@ -463,13 +472,65 @@ pub fn pins(state: &RackState) -> HashSet<Digest> {
     out
 }
 
+/// Every digest the manifests of `state` name.
+pub fn referenced(state: &RackState) -> HashSet<Digest> {
+    state
+        .images()
+        .flat_map(|i| i.files.iter())
+        .filter_map(|f| f.digest.parse().ok())
+        .collect()
+}
+
+/// Delete cached blobs no manifest has named for the grace period. Only
+/// with a state from the coordinators (revision > 0): an empty state before
+/// the first snapshot says nothing about what is referenced.
+fn collect(
+    cache: &BlobCache,
+    state: &RackState,
+    unreferenced: &mut HashMap<Digest, std::time::Instant>,
+) {
+    if state.revision == 0 {
+        return;
+    }
+    let wanted = referenced(state);
+    let held: Vec<Digest> = cache.store.list().into_iter().map(|(d, _)| d).collect();
+    unreferenced.retain(|d, _| held.contains(d) && !wanted.contains(d));
+    let grace = Duration::from_secs(cache.config.gc_grace_seconds);
+    let mut removed = false;
+    for d in held.into_iter().filter(|d| !wanted.contains(d)) {
+        let since = *unreferenced
+            .entry(d.clone())
+            .or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= grace && cache.store.remove(&d).is_ok() {
+            info!(digest = %d, "image cache: deleted a blob no image references any more");
+            cache.metrics.cache.collected.inc();
+            unreferenced.remove(&d);
+            if let Ok(mut l) = cache.lru.lock() {
+                l.remove(&d);
+            }
+            let _ = cache.lru_tree.remove(d.hex());
+            removed = true;
+        }
+    }
+    if removed {
+        cache.update_gauges();
+    }
+}
+
 /// Follow the served state: pin and prefetch what the profiles reference;
-/// scrub periodically. Runs until `shutdown`.
+/// delete blobs of deleted images after the grace period; scrub
+/// periodically. Runs until `shutdown`.
 pub async fn run(cache: Arc<BlobCache>, state: SharedState, shutdown: CancellationToken) {
     let mut seen: Option<Arc<RackState>> = None;
     let mut last_scrub = std::time::Instant::now();
+    let mut last_gc = std::time::Instant::now();
+    let mut unreferenced = HashMap::new();
     loop {
         let current = state.load_full();
+        if last_gc.elapsed() >= Duration::from_secs(1) {
+            last_gc = std::time::Instant::now();
+            collect(&cache, &current, &mut unreferenced);
+        }
         if seen.as_ref().is_none_or(|s| !Arc::ptr_eq(s, &current)) {
             let p = pins(&current);
             cache.set_pins(p.clone());
