@@ -15,6 +15,7 @@ pub mod import;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod notify;
 pub mod server;
 pub mod state;
 pub mod storage;
