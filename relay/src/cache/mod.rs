@@ -570,3 +570,55 @@ pub async fn run(cache: Arc<BlobCache>, state: SharedState, shutdown: Cancellati
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pxemesh_coordinator::model::{Image, ImageFile, Meta, Profile, ProfileKind};
+
+    fn file(path: &str, c: char) -> ImageFile {
+        ImageFile {
+            path: path.into(),
+            digest: format!("sha256:{}", c.to_string().repeat(64)),
+            size: 7,
+            mode: 0o644,
+        }
+    }
+
+    #[test]
+    fn names_resolve_through_manifests_and_profiles_pin_their_files() {
+        let img = Image {
+            name: "c9".into(),
+            files: vec![
+                file("vmlinuz", 'a'),
+                file("images/initrd.img", 'b'),
+                file("README", 'c'),
+            ],
+            meta: Meta::default(),
+        };
+        let profile = Profile {
+            name: "p".into(),
+            description: String::new(),
+            kind: ProfileKind::Ipxe,
+            image: "c9".into(),
+            kernel: "vmlinuz".into(),
+            initrds: vec!["images/initrd.img".into(), "missing".into()],
+            cmdline: String::new(),
+            kickstart_url: String::new(),
+            ipxe_script: String::new(),
+            meta: Meta::default(),
+        };
+        let state = RackState::new("r1", 5, Vec::new(), Vec::new(), vec![profile])
+            .unwrap()
+            .with_images([img]);
+        let (d, size) = resolve(&state, "images/c9/images/initrd.img").unwrap();
+        assert_eq!((d.hex().chars().next(), size), (Some('b'), 7));
+        assert!(resolve(&state, "images/c9/nope").is_none());
+        assert!(resolve(&state, "images/other/vmlinuz").is_none());
+        assert!(resolve(&state, "c9/vmlinuz").is_none());
+        let p = pins(&state);
+        assert_eq!(p.len(), 2, "kernel and the existing initrd, not README");
+        assert!(p.iter().all(|d| !d.hex().starts_with('c')));
+        assert_eq!(referenced(&state).len(), 3);
+    }
+}
