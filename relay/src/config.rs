@@ -170,6 +170,9 @@ pub struct RelayConfig {
     pub http: HttpConfig,
     #[serde(default)]
     pub boot: BootConfig,
+    /// Image cache (sync mode).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl RelayConfig {

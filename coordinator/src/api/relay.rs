@@ -24,11 +24,21 @@ use crate::state::{Change, ChangeOp, Command, State};
 
 pub struct RelayApi {
     node: NodeHandle,
+    blobs: std::sync::Arc<crate::blobs::BlobStore>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl RelayApi {
-    pub fn new(node: NodeHandle) -> RelayApi {
-        RelayApi { node }
+    pub fn new(
+        node: NodeHandle,
+        blobs: std::sync::Arc<crate::blobs::BlobStore>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> RelayApi {
+        RelayApi {
+            node,
+            blobs,
+            metrics,
+        }
     }
 }
 
@@ -390,7 +400,11 @@ impl RelayService for RelayApi {
         &self,
         req: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        Err(not_yet(&req, "FetchBlob"))
+        // Relays and peer coordinators (the auth layer admits both).
+        let who = peer(&req)?.to_string();
+        let stream =
+            super::images::fetch(&self.blobs, &self.metrics, req.into_inner(), who).await?;
+        Ok(Response::new(stream))
     }
 }
 
