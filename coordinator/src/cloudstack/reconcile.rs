@@ -338,6 +338,7 @@ pub fn plan(inp: &Inputs) -> Plan {
     let mut desired_hosts: BTreeMap<String, Host> = BTreeMap::new();
     let mut used_hosts: BTreeSet<&str> = BTreeSet::new();
     let mut used_macs: BTreeMap<Mac, String> = BTreeMap::new();
+    let mut used_ips: BTreeMap<(String, Ipv4Addr), String> = BTreeMap::new();
     let mut alive_vms: BTreeSet<&str> = BTreeSet::new();
     let mut mapped_vms: BTreeMap<&str, String> = BTreeMap::new();
     let mut vms: Vec<&VirtualMachine> = inp.vms.iter().collect();
@@ -451,8 +452,9 @@ pub fn plan(inp: &Inputs) -> Plan {
                 match candidates.as_slice() {
                     [one] => *one,
                     [] => {
+                        let vlan_note = vlan.map(|v| format!(" on VLAN {v}")).unwrap_or_default();
                         skip(&mut p, format!(
-                            "no pxemesh network on rack {rack} holds {ip} (CloudStack network {}); map it in [networks]",
+                            "no pxemesh network on rack {rack} holds {ip}{vlan_note} (CloudStack network {}); map it in [networks]",
                             nic.networkname.as_deref().or(nic.networkid.as_deref()).unwrap_or("?")
                         ));
                         continue;
@@ -550,6 +552,34 @@ pub fn plan(inp: &Inputs) -> Plan {
             );
             continue;
         }
+        // What the state machine would refuse for the whole batch.
+        let subnet = network.subnet;
+        let why_not = if !subnet.contains(&ip) {
+            Some(format!(
+                "IP {ip} is outside network {} ({subnet})",
+                network.name
+            ))
+        } else if subnet.prefix_len() < 31 && (ip == subnet.network() || ip == subnet.broadcast()) {
+            Some(format!(
+                "IP {ip} is the network or broadcast address of {subnet}"
+            ))
+        } else if network.gateway == Some(ip) {
+            Some(format!(
+                "IP {ip} is the gateway of network {}",
+                network.name
+            ))
+        } else if let Some(o) = used_ips.get(&(network.name.clone(), ip)) {
+            Some(format!("IP {ip} is already used by {o}"))
+        } else {
+            inp.pxe_hosts
+                .iter()
+                .find(|e| e.network == network.name && e.ip == ip && e.name != name)
+                .map(|e| format!("IP {ip} belongs to pxemesh host {}", e.name))
+        };
+        if let Some(why) = why_not {
+            skip(&mut p, why);
+            continue;
+        }
 
         let profile = vm
             .templateid
@@ -610,6 +640,7 @@ pub fn plan(inp: &Inputs) -> Plan {
             labels.insert(LABEL_MEMORY.to_string(), c.to_string());
         }
         used_macs.insert(mac, name.clone());
+        used_ips.insert((network.name.clone(), ip), name.clone());
         mapped_vms.insert(vm.id.as_str(), name.clone());
         desired_hosts.insert(
             name.clone(),
@@ -794,7 +825,7 @@ mod tests {
                     "10.1.1.1",
                     Some(1994),
                 ),
-                net("rack-a-other", "rack-a", "10.1.1.0/24", "10.1.1.1", Some(7)),
+                net("rack-a-other", "rack-a", "10.1.2.0/24", "10.1.2.1", Some(7)),
                 net("rack-b-prov", "Pod-2", "10.2.0.0/16", "10.2.0.1", None),
             ],
             pxe_hosts: vec![],
@@ -839,7 +870,7 @@ mod tests {
         assert_eq!(h1.rack, "rack-a");
         assert_eq!(
             h1.network, "rack-a-guest",
-            "subnet + VLAN 1994 pick one of two"
+            "the rack's network holding the IP"
         );
         assert_eq!(h1.profile.as_deref(), Some("cs-t-ks"));
         assert_eq!(h1.hostname, "web-1");
@@ -994,6 +1025,125 @@ mod tests {
         assert!(skipped_about(&p, "instance web-1")[0].contains("does not manage"));
         assert!(skipped_about(&p, "instance db 2")[0].contains("belongs to pxemesh host hand-made"));
         assert!(p.deletes.is_empty(), "unmanaged records are never deleted");
+    }
+
+    #[test]
+    fn vlan_must_match_when_both_are_known() {
+        let mut inp = fixture();
+        for n in inp.networks.iter_mut() {
+            if n.name == "rack-a-guest" {
+                n.vlan = Some(5);
+            }
+        }
+        let p = plan(&inp);
+        assert!(p.hosts.iter().all(|h| h.name != "bm-01"));
+        let why = skipped_about(&p, "instance web-1");
+        assert!(why[0].contains("holds 10.1.1.62 on VLAN 1994"), "{why:?}");
+        // No VLAN on the pxemesh network: the subnet decides.
+        for n in inp.networks.iter_mut() {
+            if n.name == "rack-a-guest" {
+                n.vlan = None;
+            }
+        }
+        assert!(plan(&inp).hosts.iter().any(|h| h.name == "bm-01"));
+    }
+
+    #[test]
+    fn addresses_the_state_machine_would_refuse_are_skipped() {
+        // The mapped network does not hold the NIC's address.
+        let mut inp = fixture();
+        inp.mapping
+            .networks
+            .insert("net-a".into(), "rack-a-other".into());
+        let why = skipped_about(&plan(&inp), "instance web-1").join(" ");
+        assert!(why.contains("outside network rack-a-other"), "{why}");
+        // The NIC's address is the network's gateway.
+        let mut inp = fixture();
+        inp.vms[0].nic[0].ipaddress = Some("10.1.1.1".into());
+        let why = skipped_about(&plan(&inp), "instance web-1").join(" ");
+        assert!(why.contains("is the gateway"), "{why}");
+        // Another record already has the address on that network.
+        let mut inp = fixture();
+        let mut other = plan(&inp).hosts[0].clone();
+        other.name = "someone".into();
+        other.mac = "02:00:00:00:00:99".parse().unwrap();
+        other.labels.clear();
+        inp.pxe_hosts = vec![other];
+        let why = skipped_about(&plan(&inp), "instance web-1").join(" ");
+        assert!(why.contains("belongs to pxemesh host someone"), "{why}");
+    }
+
+    /// The plan's records go through the coordinator's real state machine
+    /// (all validation), read back, and plan again to nothing; a destroyed
+    /// instance's delete applies too.
+    #[test]
+    fn plan_applies_to_the_real_state_machine() {
+        use crate::model::Record;
+        use crate::state::{Command, State};
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let st = State::new(db.open_tree("pxemesh").unwrap());
+        let mut idx = 0u64;
+        let mut apply = |cmd: Command| {
+            idx += 1;
+            st.execute(&cmd, Some((idx, 1)))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("refused: {e:?}"))
+        };
+        let inp = fixture();
+        let p = plan(&inp);
+        apply(Command::Put(
+            p.racks.iter().cloned().map(Record::Rack).collect(),
+        ));
+        apply(Command::Put(
+            inp.networks.iter().cloned().map(Record::Network).collect(),
+        ));
+        let mut batch: Vec<Record> = p.profiles.iter().cloned().map(Record::Profile).collect();
+        batch.extend(p.hosts.iter().cloned().map(Record::Host));
+        let out = apply(Command::Put(batch));
+        assert_eq!(out.results.len(), 1 + 2);
+
+        let read = |kind| st.list(kind).unwrap();
+        let mut again = inp.clone();
+        again.racks = read(Kind::Rack)
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Rack(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        again.pxe_hosts = read(Kind::Host)
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Host(h) => Some(h),
+                _ => None,
+            })
+            .collect();
+        again.profiles = read(Kind::Profile)
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Profile(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(again.pxe_hosts.len(), 2);
+        let second = plan(&again);
+        assert!(second.is_noop(), "{second:#?}");
+
+        for vm in again.vms.iter_mut() {
+            if vm.id == "v1" {
+                vm.state = "Expunging".into();
+            }
+        }
+        let third = plan(&again);
+        assert_eq!(third.deletes.len(), 1);
+        for d in &third.deletes {
+            apply(Command::Delete {
+                kind: d.kind,
+                name: d.name.clone(),
+            });
+        }
+        assert_eq!(read(Kind::Host).len(), 1);
     }
 
     #[test]
