@@ -472,7 +472,7 @@ impl Client {
         let mut delay = s.poll_initial;
         loop {
             let answer = self
-                .call("queryAsyncJobResult", &params_owned(&[("jobid", &jobid)]))
+                .call("queryAsyncJobResult", &self::params(&[("jobid", &jobid)]))
                 .await?;
             self.inner.metrics.job_polls.inc();
             match answer.get("jobstatus").and_then(Value::as_i64) {
@@ -531,10 +531,6 @@ impl Client {
             delay = (delay * 2).min(s.poll_max);
         }
     }
-}
-
-fn params_owned(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    params(pairs)
 }
 
 fn kind_of(v: &Value) -> &'static str {

@@ -102,6 +102,13 @@ fn default_cipher_suite() -> u8 {
 }
 
 impl CloudStackConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<CloudStackConfig, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        CloudStackConfig::from_toml_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     pub fn from_toml_str(text: &str) -> Result<CloudStackConfig, String> {
         let cfg: CloudStackConfig = toml::from_str(text).map_err(|e| e.to_string())?;
         cfg.validate()?;
@@ -174,8 +181,9 @@ mod tests {
 
     #[test]
     fn example_file_parses_and_validates() {
-        let text = include_str!("../../../deploy/cloudstack.example.toml");
-        let cfg = CloudStackConfig::from_toml_str(text).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/cloudstack.example.toml");
+        let cfg = CloudStackConfig::load(&path).unwrap();
         assert!(cfg.url.starts_with("https://"));
         assert_eq!(
             cfg.pod_racks.get("POD0").map(String::as_str),

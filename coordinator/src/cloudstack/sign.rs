@@ -7,7 +7,10 @@
 //! with `&`, lower-casing the whole string and computing HMAC-SHA1 over it with
 //! the account's secret key. The base64 of that MAC, URL-encoded, is the
 //! `signature` parameter. We build the query string with the same encoding so
-//! the bytes the server decodes are exactly the ones we signed.
+//! the bytes the server decodes are exactly the ones we signed. (Server side:
+//! `ApiServer.verifyRequest` in apache/cloudstack; it finds `apikey`,
+//! `signatureVersion` and `expires` case-insensitively, so we send every
+//! parameter name in lower case.)
 
 use std::fmt;
 use std::path::Path;
