@@ -9,6 +9,7 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod import;
+pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -117,7 +117,7 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     );
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), key));
+    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), key.clone()));
     let raft = RaftServiceServer::new(RaftApi::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
@@ -129,7 +129,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
-        .add_service(RelayServiceServer::new(RelayApi::new(node.clone())))
+        .add_service(RelayServiceServer::new(
+            RelayApi::new(node.clone()).with_cluster_key(key),
+        ))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let grpc = tokio::spawn(grpc);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod files;
 pub mod http;
+pub mod ipmi;
 pub mod metrics;
 pub mod server;
 pub mod state;

@@ -57,6 +57,7 @@ pub fn need_for(path: &str) -> Need {
         }
         "pxemesh.v1.AdminService" => match method {
             "ClusterStatus" | "Get" | "List" | "ListEvents" | "WatchEvents" => Need::AdminRead,
+            "ListJobs" | "GetJob" | "WatchJobs" => Need::AdminRead,
             _ => Need::AdminWrite,
         },
         "pxemesh.v1.RelayService" => Need::Relay,

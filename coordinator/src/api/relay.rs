@@ -24,11 +24,18 @@ use crate::state::{Change, ChangeOp, Command, State};
 
 pub struct RelayApi {
     node: NodeHandle,
+    /// Opens BMC passwords for LeaseJobs (None: relays get no password).
+    key: Option<crate::crypto::ClusterKey>,
 }
 
 impl RelayApi {
     pub fn new(node: NodeHandle) -> RelayApi {
-        RelayApi { node }
+        RelayApi { node, key: None }
+    }
+
+    pub fn with_cluster_key(mut self, key: crate::crypto::ClusterKey) -> RelayApi {
+        self.key = Some(key);
+        self
     }
 }
 
@@ -308,13 +315,18 @@ impl RelayService for RelayApi {
         &self,
         req: Request<pb::LeaseJobsRequest>,
     ) -> Result<Response<pb::LeaseJobsResponse>, Status> {
-        Err(not_yet(&req, "LeaseJobs"))
+        let (rack, relay) = rack_of(&req)?;
+        let r = req.into_inner();
+        let out = super::jobs::lease(&self.node, self.key.as_ref(), &rack, &relay, r).await?;
+        Ok(Response::new(out))
     }
     async fn report_job(
         &self,
         req: Request<pb::ReportJobRequest>,
     ) -> Result<Response<pb::ReportJobResponse>, Status> {
-        Err(not_yet(&req, "ReportJob"))
+        let (rack, relay) = rack_of(&req)?;
+        let out = super::jobs::report(&self.node, &rack, &relay, req.into_inner()).await?;
+        Ok(Response::new(out))
     }
     /// Exactly-once from the operator's view: the relay resends until acked;
     /// the state machine drops sequences at or below the relay's high-water mark.
