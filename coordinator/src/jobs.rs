@@ -116,6 +116,9 @@ pub enum JobCommand {
         reason: String,
         result: String,
         now_ms: u64,
+        /// Running: renew the lease until `now_ms + extend_ms` (0 = keep).
+        #[serde(default)]
+        extend_ms: u64,
     },
     Cancel {
         id: String,
@@ -411,6 +414,7 @@ pub(crate) fn execute(txn: &mut Txn, cmd: &JobCommand, rev: u64) -> Result<JobEf
             reason,
             result,
             now_ms,
+            extend_ms,
         } => {
             let Some(mut j) = job(txn, id)? else {
                 return Err(not_found(id));
@@ -450,9 +454,15 @@ pub(crate) fn execute(txn: &mut Txn, cmd: &JobCommand, rev: u64) -> Result<JobEf
                 ))
                 .into());
             }
-            if *state == JobState::Running && j.state == JobState::Running {
-                eff.unchanged(j);
-                return Ok(eff);
+            if *state == JobState::Running {
+                if *extend_ms > 0 {
+                    let until =
+                        now_ms.saturating_add((*extend_ms).clamp(LEASE_MS_MIN, LEASE_MS_MAX));
+                    j.lease_expires_unix_ms = j.lease_expires_unix_ms.max(until);
+                } else if j.state == JobState::Running {
+                    eff.unchanged(j);
+                    return Ok(eff);
+                }
             }
             j.state = *state;
             j.reason = reason.chars().take(2048).collect();
@@ -611,6 +621,7 @@ mod tests {
                 reason: String::new(),
                 result: "on".into(),
                 now_ms: 2000,
+                extend_ms: 0,
             })
         }
     }
@@ -665,8 +676,22 @@ mod tests {
         assert_eq!((l1[0].attempts, l1[0].lease_expires_unix_ms), (1, 15_000));
         t.report("ra", &j.id, 1, JobState::Running).unwrap();
         assert!(t.lease("rb", 14_000).is_empty(), "lease still valid");
+        // A renewal keeps it.
+        t.jobs(JobCommand::Report {
+            rack: "r1".into(),
+            relay: "ra".into(),
+            id: j.id.clone(),
+            token: 1,
+            state: JobState::Running,
+            reason: String::new(),
+            result: String::new(),
+            now_ms: 10_000,
+            extend_ms: 10_000,
+        })
+        .unwrap();
+        assert!(t.lease("rb", 15_001).is_empty(), "renewed until 20 000");
         // ra went away; the lease runs out and rb takes the job.
-        let l2 = t.lease("rb", 15_001);
+        let l2 = t.lease("rb", 20_001);
         assert_eq!((l2[0].attempts, l2[0].leased_by.as_str()), (2, "rb"));
         // ra's late report is refused, rb's is taken, exactly once.
         let err = t.report("ra", &j.id, 1, JobState::Succeeded).unwrap_err();

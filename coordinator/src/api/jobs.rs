@@ -376,6 +376,7 @@ pub async fn report(
             reason: r.reason,
             result: r.result,
             now_ms: now_ms(),
+            extend_ms: u64::from(r.lease_seconds) * 1000,
         }))
         .await;
     let out = match out {

@@ -217,7 +217,8 @@ async fn run_job<B: PowerBackend>(s: &Shared<B>, leased: pb::LeasedJob) {
         Ok((action, target)) => {
             // Claim the job before touching the BMC: a cancelled or re-leased
             // job stops here.
-            match report(s, &job, token, pb::JobState::Running, "", "", report_window).await {
+            let lease_seconds = s.ctx.config.lease_seconds;
+            match report(s, &job, running(&job, token, lease_seconds), report_window).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
@@ -225,7 +226,14 @@ async fn run_job<B: PowerBackend>(s: &Shared<B>, leased: pb::LeasedJob) {
                     return;
                 }
             }
-            execute(s, &job, action, &target).await
+            s.ctx.metrics.running.inc();
+            let outcome = execute_renewing(s, &job, token, action, &target).await;
+            s.ctx.metrics.running.dec();
+            sweep_locks(s);
+            match outcome {
+                Some(o) => o,
+                None => return,
+            }
         }
     };
     s.ctx.metrics.finish(
@@ -241,17 +249,15 @@ async fn run_job<B: PowerBackend>(s: &Shared<B>, leased: pb::LeasedJob) {
     } else {
         warn!(job = %job.id, host = %job.host, action = %job.action, reason = %outcome.reason, "job failed");
     }
-    if let Err(e) = report(
-        s,
-        &job,
-        token,
-        outcome.state,
-        &outcome.reason,
-        &outcome.result,
-        report_window,
-    )
-    .await
-    {
+    let msg = pb::ReportJobRequest {
+        job_id: job.id.clone(),
+        state: outcome.state as i32,
+        reason: outcome.reason,
+        result: outcome.result,
+        attempts: token,
+        lease_seconds: 0,
+    };
+    if let Err(e) = report(s, &job, msg, report_window).await {
         warn!(job = %job.id, error = %e, "job outcome not delivered; the lease expires and the job runs again");
     }
 }
@@ -333,6 +339,55 @@ async fn resolve(address: &str, port: u16) -> Result<IpAddr, String> {
     }
 }
 
+/// A `running` report that also renews the lease.
+fn running(job: &pb::Job, token: u32, lease_seconds: u32) -> pb::ReportJobRequest {
+    pb::ReportJobRequest {
+        job_id: job.id.clone(),
+        state: pb::JobState::Running as i32,
+        reason: String::new(),
+        result: String::new(),
+        attempts: token,
+        lease_seconds,
+    }
+}
+
+/// Runs the action while renewing the lease every third of its length.
+/// None: the lease was lost (cancelled or taken over); the action is dropped
+/// (its ipmitool process is killed).
+async fn execute_renewing<B: PowerBackend>(
+    s: &Shared<B>,
+    job: &pb::Job,
+    token: u32,
+    action: Action,
+    target: &BmcTarget,
+) -> Option<Outcome> {
+    let lease_seconds = s.ctx.config.lease_seconds;
+    let every = (Duration::from_secs(u64::from(lease_seconds)) / 3).max(Duration::from_secs(1));
+    let exec = execute(s, job, action, target);
+    tokio::pin!(exec);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            o = &mut exec => return Some(o),
+            _ = tick.tick() => {
+                match report(s, job, running(job, token, lease_seconds), every).await {
+                    Ok(true) => debug!(job = %job.id, "lease renewed"),
+                    Ok(false) => {
+                        warn!(job = %job.id, "lease lost while the job ran; abandoning it");
+                        return None;
+                    }
+                    Err(e) => warn!(job = %job.id, error = %e, "lease renewal failed; the lease may expire"),
+                }
+            }
+        }
+    }
+}
+
+fn sweep_locks<B: PowerBackend>(s: &Shared<B>) {
+    let mut locks = s.bmc_locks.lock().unwrap_or_else(|p| p.into_inner());
+    locks.retain(|_, l| Arc::strong_count(l) > 1);
+}
+
 async fn execute<B: PowerBackend>(
     s: &Shared<B>,
     job: &pb::Job,
@@ -346,7 +401,6 @@ async fn execute<B: PowerBackend>(
     };
     let guard = lock.lock().await;
     s.ctx.metrics.started.inc();
-    s.ctx.metrics.running.inc();
     let cfg = &s.ctx.config;
     let attempts = cfg.retries + 1;
     let mut last: Option<PowerError> = None;
@@ -390,14 +444,7 @@ async fn execute<B: PowerBackend>(
             }
         }
     }
-    s.ctx.metrics.running.dec();
     drop(guard);
-    {
-        let mut locks = s.bmc_locks.lock().unwrap_or_else(|p| p.into_inner());
-        if locks.get(&key).is_some_and(|l| Arc::strong_count(l) <= 2) {
-            locks.remove(&key);
-        }
-    }
     drop(lock);
     outcome.unwrap_or_else(|| {
         failed(
@@ -416,10 +463,7 @@ async fn execute<B: PowerBackend>(
 async fn report<B: PowerBackend>(
     s: &Shared<B>,
     job: &pb::Job,
-    token: u32,
-    state: pb::JobState,
-    reason: &str,
-    result: &str,
+    msg: pb::ReportJobRequest,
     window: Duration,
 ) -> Result<bool, String> {
     let deadline = tokio::time::Instant::now() + window;
@@ -430,13 +474,7 @@ async fn report<B: PowerBackend>(
             break;
         }
         if let Some(mut c) = s.coord.client() {
-            let mut req = tonic::Request::new(pb::ReportJobRequest {
-                job_id: job.id.clone(),
-                state: state as i32,
-                reason: reason.to_string(),
-                result: result.to_string(),
-                attempts: token,
-            });
+            let mut req = tonic::Request::new(msg.clone());
             req.set_timeout(Duration::from_secs(10));
             match c.report_job(req).await {
                 Ok(_) => return Ok(true),
@@ -447,7 +485,7 @@ async fn report<B: PowerBackend>(
                     ) =>
                 {
                     s.ctx.metrics.reports_refused.inc();
-                    info!(job = %job.id, lease = token, message = %st.message(), "job report refused; dropping the job");
+                    info!(job = %job.id, lease = msg.attempts, message = %st.message(), "job report refused; dropping the job");
                     return Ok(false);
                 }
                 Err(st) => {
