@@ -770,6 +770,13 @@ fn power_jobs_against_ipmi_sim() {
         assert!(t.elapsed() < Duration::from_secs(20), "job never ran: {j}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A later job of the same host waits for it (one job per host at a
+    // time); it can be cancelled while queued, and then never runs.
+    let queued = lab.ctl_ok(&["bootdev", "disk", "h1"]);
+    let queued_id = s(&queued["jobs"][0], "id").to_string();
+    assert_eq!(s(&lab.job(&queued_id), "state"), "queued");
+    let c = lab.ctl_ok(&["job", "cancel", &queued_id]);
+    assert_eq!(s(&c, "state"), "cancelled");
     lab.kill_relay();
     b1.signal(libc::SIGCONT);
     let killed_at = Instant::now();
@@ -793,8 +800,23 @@ fn power_jobs_against_ipmi_sim() {
         "re-leased only after the lease expired"
     );
     assert_eq!(b1.read("power"), "0");
-    // Finished once: one terminal record in the job's history.
-    let watch = lab.ctl_ok(&["job", "list", "--host", "h1", "--limit", "1"]);
+    assert_eq!(s(&lab.job(&queued_id), "state"), "cancelled");
+    assert_eq!(
+        b1.read("boot"),
+        "pxe",
+        "the cancelled bootdev disk never ran"
+    );
+    // Finished once: the newest succeeded job of h1, reported once.
+    let watch = lab.ctl_ok(&[
+        "job",
+        "list",
+        "--host",
+        "h1",
+        "--state",
+        "succeeded",
+        "--limit",
+        "1",
+    ]);
     assert_eq!(watch["jobs"][0]["id"], Value::String(id.clone()));
     let log = fs::read_to_string(lab.path("relay.log")).unwrap_or_default();
     assert_eq!(

@@ -324,7 +324,11 @@ pub async fn lease(
             return Ok(pb::LeaseJobsResponse { jobs: Vec::new() });
         }
         // Woken by applies; at least once a second so expiring leases are seen.
-        let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), applied.changed()).await;
+        if let Ok(Err(_)) =
+            tokio::time::timeout(left.min(Duration::from_secs(1)), applied.changed()).await
+        {
+            return Err(CoordError::Stopped);
+        }
     }
 }
 

@@ -64,16 +64,6 @@ impl Default for IpmiConfig {
 }
 
 impl IpmiConfig {
-    /// The worst case of one job: three commands (read, act, read back),
-    /// every attempt timing out, plus the back-offs between attempts.
-    pub fn worst_case_seconds(&self) -> u64 {
-        let attempts = u64::from(self.retries) + 1;
-        let backoff_ms: u64 = (0..self.retries)
-            .map(|i| self.retry_backoff_ms.saturating_mul(1 << i.min(20)))
-            .sum();
-        3 * attempts * self.command_timeout_seconds + backoff_ms.div_ceil(1000)
-    }
-
     pub fn validate(&self) -> Result<(), String> {
         if !(1..=1024).contains(&self.max_parallel) {
             return Err("[ipmi] max_parallel must be 1-1024".into());
