@@ -18,7 +18,8 @@
 #
 # Knobs (environment): N (100) MAX_PARALLEL (32) ROUNDS (3) BASE_PORT (47600)
 # RESULTS_DIR (target/bench-results/<utc>) BENCH_TMPDIR (/var/tmp)
-# KEEP_WORKDIR (0) SKIP_BUILD (0).
+# KEEP_WORKDIR (0) SKIP_BUILD (0) PROFILE (release; "debug" for a quick
+# check of the script itself, not for figures).
 # TCP ports BASE_PORT+1..+13 and UDP ports BASE_PORT+100..+100+N on 127.0.0.1.
 # Every process this script starts is stopped on exit, also on failure.
 set -euo pipefail
@@ -31,6 +32,7 @@ BASE_PORT=${BASE_PORT:-47600}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
 SKIP_BUILD=${SKIP_BUILD:-0}
+PROFILE=${PROFILE:-release}
 RESULTS_DIR=${RESULTS_DIR:-$ROOT/target/bench-results/$(date -u +%Y%m%dT%H%M%SZ)}
 PW=bench-Ipmi-pw1
 
@@ -72,7 +74,7 @@ if [ "$SKIP_BUILD" != 1 ]; then
     cargo build --release -p pxemesh-coordinator -p pxemesh-relay -p pxemesh-certs --bins >&2
 fi
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-BIN=$TARGET_DIR/release
+BIN=$TARGET_DIR/$PROFILE
 for b in pxemesh-coordinator pxemeshctl pxemesh-certs pxemesh-relay; do
     [ -x "$BIN/$b" ] || die "$BIN/$b missing"
 done
