@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod notify;
 pub mod server;
 pub mod state;
 pub mod storage;

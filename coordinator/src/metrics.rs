@@ -25,6 +25,7 @@ pub struct Metrics {
     pub raft_messages_sent: Counter,
     pub raft_messages_dropped: Counter,
     pub snapshots_installed: Counter,
+    pub snapshot_bytes: Gauge,
     pub compactions: Counter,
     pub log_syncs: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
@@ -46,6 +47,7 @@ impl Metrics {
             raft_messages_sent: Counter::default(),
             raft_messages_dropped: Counter::default(),
             snapshots_installed: Counter::default(),
+            snapshot_bytes: Gauge::default(),
             compactions: Counter::default(),
             log_syncs: Counter::default(),
             rpcs: Family::default(),
@@ -102,6 +104,11 @@ impl Metrics {
             "snapshots_installed",
             "Snapshots received and installed",
             m.snapshots_installed.clone(),
+        );
+        registry.register(
+            "snapshot_bytes",
+            "Size of the last snapshot installed from the leader",
+            m.snapshot_bytes.clone(),
         );
         registry.register(
             "log_compactions",

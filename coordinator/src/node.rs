@@ -573,7 +573,12 @@ impl Node {
             let index = snap.get_metadata().index;
             self.store.install_snapshot(&snap)?;
             self.metrics.snapshots_installed.inc();
-            info!(node = self.id(), index, "installed snapshot from leader");
+            let bytes = snap.get_data().len();
+            self.metrics.snapshot_bytes.set(bytes as i64);
+            info!(
+                node = self.id(),
+                index, bytes, "installed snapshot from leader"
+            );
             self.refresh_peers()?;
             self.applied_tx.send_replace(index);
         }

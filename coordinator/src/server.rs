@@ -148,9 +148,14 @@ pub async fn run(
         info!(%addr, "metrics endpoint listening");
     }
     info!(node = config.node_id, %grpc_addr, identity = %me, "coordinator serving");
+    crate::notify::notify_or_log(&format!(
+        "READY=1\nSTATUS=coordinator {} serving on {grpc_addr}",
+        config.node_id
+    ));
 
     shutdown.cancelled().await;
     info!(node = config.node_id, "shutting down");
+    crate::notify::notify_or_log("STOPPING=1");
     let drain = async {
         if let Ok(Err(e)) = grpc.await {
             warn!(error = %e, "gRPC server ended with an error");

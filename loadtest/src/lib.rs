@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod propagation;
+pub mod scale;
 pub mod writes;
 
 pub use pxemesh_certs::TlsPaths;

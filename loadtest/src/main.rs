@@ -25,6 +25,39 @@ enum Cmd {
     Writes(WritesArgs),
     /// Time from an acknowledged write until every watching relay has it.
     Propagation(PropagationArgs),
+    /// Fill the cluster with racks and hosts, then time full rack resyncs.
+    Scale(ScaleArgs),
+}
+
+#[derive(Args)]
+struct ScaleArgs {
+    /// Coordinator gRPC endpoints (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Directory with ca.pem, ca-key.pem (relay certificates for the resync
+    /// trials are issued from it) and the admin certificate.
+    #[arg(long, default_value = ".")]
+    tls_dir: PathBuf,
+    #[arg(long, default_value = "admin")]
+    cert_stem: String,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    racks: u32,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    hosts_per_rack: u32,
+    /// Apply batches (one per rack) in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    concurrency: u64,
+    /// Full rack resyncs timed after the load.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    resync_trials: u32,
+    /// Do not load; only time resyncs against what an earlier run loaded.
+    #[arg(long)]
+    skip_load: bool,
+    /// Rack name prefix: racks are <prefix>NNNNN.
+    #[arg(long, default_value = "scale-")]
+    prefix: String,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(Args)]
@@ -178,6 +211,25 @@ async fn run(cli: Cli) -> Result<()> {
                     "{} writes did not reach every watcher in time",
                     report.timeouts
                 );
+            }
+            Ok(())
+        }
+        Cmd::Scale(a) => {
+            let cfg = pxemesh_loadtest::scale::ScaleConfig {
+                endpoints: a.endpoints,
+                tls_dir: a.tls_dir,
+                cert_stem: a.cert_stem,
+                racks: a.racks,
+                hosts_per_rack: a.hosts_per_rack,
+                concurrency: a.concurrency as usize,
+                resync_trials: a.resync_trials,
+                skip_load: a.skip_load,
+                prefix: a.prefix,
+            };
+            let report = pxemesh_loadtest::scale::scale(&cfg).await?;
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", report.to_text()),
             }
             Ok(())
         }

@@ -72,7 +72,12 @@ impl PropagationReport {
     }
 }
 
-fn issue_relay_certs(ca_dir: &Path, out: &Path, rack: &str, n: usize) -> Result<Vec<Arc<Tls>>> {
+pub(crate) fn issue_relay_certs(
+    ca_dir: &Path,
+    out: &Path,
+    rack: &str,
+    n: usize,
+) -> Result<Vec<Arc<Tls>>> {
     let ca = Ca::load(ca_dir)
         .context("loading the CA (ca.pem, ca-key.pem) to issue watcher certificates")?;
     let mut all = Vec::with_capacity(n);

@@ -709,7 +709,10 @@ EOF
 run_http() {
     content_setup
     local server pid url rep i bytes=$((HTTP_SIZE_MIB * 1048576))
-    log "HTTP: $HTTP_CONC concurrent downloads of a ${HTTP_SIZE_MIB} MiB file, $HTTP_REPS times each"
+    log "HTTP: $HTTP_CONC concurrent downloads of a ${HTTP_SIZE_MIB} MiB file, $HTTP_REPS times each, servers alternating"
+    # Alternate the servers rep by rep (each started fresh, on the same port)
+    # so that a change in machine load affects both alike.
+    for rep in $(seq 1 "$HTTP_REPS"); do
     for server in relay nginx; do
         if [ "$server" = relay ]; then
             relay_content_start http
@@ -722,7 +725,7 @@ run_http() {
         # Warm-up (not measured): page cache, and the relay's ETag (sha256 of
         # the file, computed once per file version).
         in_ns "$NS_T" curl -sf -o /dev/null "$url" || die "$server: warm-up download of $url failed"
-        for rep in $(seq 1 "$HTTP_REPS"); do
+        {
             rm -rf "$WORK/curl"
             mkdir -p "$WORK/curl"
             wait_load
@@ -751,8 +754,9 @@ run_http() {
                  server_cpu_seconds: $cpu, load_start: $load_start, load_end: $load_end}' |
                 tee -a "$RESULTS_DIR/http.jsonl" |
                 jq -r '"    \(.server) rep \(.rep): \(.downloads) x \(.mib_each) MiB in \(.seconds) s = \(.gib_per_s) GiB/s, \(.failed) failed, server CPU \(.server_cpu_seconds) s, load \(.load_start)->\(.load_end)"' >&2
-        done
+        }
         stop_pid "$pid"
+    done
     done
 }
 

@@ -78,10 +78,8 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(ctx).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let app = router(ctx.clone());
+    crate::http_fast::serve(ctx, app, listener, shutdown).await
 }
 
 fn text(code: StatusCode, body: String) -> Response {
@@ -287,23 +285,97 @@ async fn file(
     headers: HeaderMap,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
-    let full = match files::resolve(&ctx.config.boot.dir, &path) {
+    let reply = plan_file(&ctx, &method, &path, &headers, peer).await;
+    let mut resp = Response::builder().status(reply.status);
+    if let Some(h) = resp.headers_mut() {
+        h.extend(reply.headers);
+    }
+    let body = match reply.body {
+        ReplyBody::Bytes(b) => Body::from(b),
+        ReplyBody::File { file, start, count } => {
+            let mut f = tokio::fs::File::from_std(file);
+            if start > 0 {
+                if let Err(e) = f.seek(SeekFrom::Start(start)).await {
+                    warn!(path, error = %e, "cannot seek boot file");
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("cannot read {path}: {e}"),
+                    );
+                }
+            }
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+                f.take(count),
+                256 * 1024,
+            ))
+        }
+    };
+    resp.body(body).unwrap_or_default()
+}
+
+/// A boot-file response, decided once and written by either the axum route or
+/// the sendfile fast path (`crate::http_fast`), so both answer identically.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    /// Every header of the response, `Content-Length` included.
+    pub headers: HeaderMap,
+    pub body: ReplyBody,
+}
+
+pub(crate) enum ReplyBody {
+    Bytes(bytes::Bytes),
+    /// `count` bytes of `file` from offset `start`.
+    File {
+        file: std::fs::File,
+        start: u64,
+        count: u64,
+    },
+}
+
+fn text_reply(code: StatusCode, body: String) -> Reply {
+    let body = bytes::Bytes::from(body + "\n");
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    Reply {
+        status: code,
+        headers,
+        body: ReplyBody::Bytes(body),
+    }
+}
+
+/// Resolve `GET|HEAD /files/<path>`: traversal checks, ETag, conditional and
+/// range requests, metrics and the boot event.
+pub(crate) async fn plan_file(
+    ctx: &HttpContext,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Reply {
+    let full = match files::resolve(&ctx.config.boot.dir, path) {
         Ok(p) => p,
         Err(PathError::Forbidden(p)) => {
             ctx.metrics.http("files", 403);
             warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
-            return text(StatusCode::FORBIDDEN, format!("access violation: {p}"));
+            return text_reply(StatusCode::FORBIDDEN, format!("access violation: {p}"));
         }
         Err(PathError::NotFound(p)) => {
             ctx.metrics.http("files", 404);
-            return text(StatusCode::NOT_FOUND, format!("file not found: {p}"));
+            return text_reply(StatusCode::NOT_FOUND, format!("file not found: {p}"));
         }
     };
     let served = async {
-        let mut f = tokio::fs::File::open(&full).await?;
-        let meta = f.metadata().await?;
+        // Opened through tokio (a blocking-pool hop per request, not per chunk).
+        let f = tokio::fs::File::open(&full).await?.into_std().await;
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
         let len = meta.len();
-        let etag = etag_for(&ctx, &full, len, meta.modified()?).await?;
+        let etag = etag_for(ctx, &full, len, meta.modified()?).await?;
         if headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
@@ -328,9 +400,6 @@ async fn file(
             }
         };
         let count = if len == 0 { 0 } else { end - start + 1 };
-        if start > 0 {
-            f.seek(SeekFrom::Start(start)).await?;
-        }
         Ok((code, etag, start, count, Some(f), len))
     }
     .await;
@@ -339,37 +408,50 @@ async fn file(
         Err(e) => {
             ctx.metrics.http("files", 500);
             warn!(path = %full.display(), error = %e, "cannot read boot file");
-            return text(
+            return text_reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot read {path}: {e}"),
             );
         }
     };
     ctx.metrics.http("files", code.as_u16());
-    let mut resp = Response::builder()
-        .status(code)
-        .header(header::ETAG, &etag)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_TYPE, "application/octet-stream");
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    let empty = |status, mut h: HeaderMap| {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(0u64));
+        Reply {
+            status,
+            headers: h,
+            body: ReplyBody::Bytes(bytes::Bytes::new()),
+        }
+    };
     match code {
-        StatusCode::NOT_MODIFIED => return resp.body(Body::empty()).unwrap_or_default(),
+        StatusCode::NOT_MODIFIED => return empty(code, h),
         StatusCode::RANGE_NOT_SATISFIABLE => {
-            return resp
-                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
-                .body(Body::empty())
-                .unwrap_or_default()
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                h.insert(header::CONTENT_RANGE, v);
+            }
+            return empty(code, h);
         }
         StatusCode::PARTIAL_CONTENT => {
-            resp = resp.header(
-                header::CONTENT_RANGE,
-                format!("bytes {start}-{}/{len}", start + count - 1),
-            );
+            if let Ok(v) =
+                HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + count - 1))
+            {
+                h.insert(header::CONTENT_RANGE, v);
+            }
         }
         _ => {}
     }
-    resp = resp.header(header::CONTENT_LENGTH, count);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
     if let Some(ip) = client_v4(peer) {
-        if boot::is_loader(&path, &ctx.config.boot) {
+        if boot::is_loader(path, &ctx.config.boot) {
             ctx.loaders.loaded(ip);
         }
         let state = ctx.state.load();
@@ -380,15 +462,18 @@ async fn file(
         ctx.events
             .record(&mac, EventKind::HttpFile, &format!("/files/{path}"));
     }
-    if method == Method::HEAD {
-        return resp.body(Body::empty()).unwrap_or_default();
-    }
-    let Some(f) = f else {
-        return resp.body(Body::empty()).unwrap_or_default();
+    let body = match f {
+        Some(file) if *method != Method::HEAD && count > 0 => {
+            ctx.metrics.http_bytes.inc_by(count);
+            ReplyBody::File { file, start, count }
+        }
+        _ => ReplyBody::Bytes(bytes::Bytes::new()),
     };
-    ctx.metrics.http_bytes.inc_by(count);
-    let stream = tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024);
-    resp.body(Body::from_stream(stream)).unwrap_or_default()
+    Reply {
+        status: code,
+        headers: h,
+        body,
+    }
 }
 
 #[cfg(test)]

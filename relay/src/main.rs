@@ -53,13 +53,13 @@ fn main() -> anyhow::Result<()> {
     }
     if config.tftp.enabled {
         listeners.tftp = Some(
-            std::net::UdpSocket::bind(config.tftp.listen)
+            pxemesh_relay::net::bind_udp(config.tftp.listen)
                 .with_context(|| format!("binding TFTP {}", config.tftp.listen))?,
         );
     }
     if config.http.enabled {
         listeners.http = Some(
-            std::net::TcpListener::bind(config.http.listen)
+            pxemesh_relay::net::bind_tcp(config.http.listen)
                 .with_context(|| format!("binding HTTP {}", config.http.listen))?,
         );
     }

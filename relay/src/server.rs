@@ -150,8 +150,13 @@ pub async fn run(
     }
     tracker.close();
     info!(relay = %config.name, "relay serving");
+    pxemesh_coordinator::notify::notify_or_log(&format!(
+        "READY=1\nSTATUS=relay {} serving",
+        config.name
+    ));
     shutdown.cancelled().await;
     info!("relay shutting down");
+    pxemesh_coordinator::notify::notify_or_log("STOPPING=1");
     if tokio::time::timeout(DRAIN, tracker.wait()).await.is_err() {
         warn!("shutdown drain timed out; stopping anyway");
     }

@@ -260,3 +260,62 @@ async fn concurrent_downloads_are_complete() {
     }
     f.shutdown.cancel();
 }
+
+/// One keep-alive connection carrying a file (sendfile fast path), a script
+/// (handed to the router mid-connection) and the file again (router path):
+/// every answer complete, one TCP connection, the same ETag on both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connection_moves_from_fast_path_to_router() {
+    let f = start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = |n: &str| dir.path().join(n).display().to_string();
+    let file = format!("{}/files/centos/vmlinuz", f.base);
+    let script = format!("{}/boot/52:54:00:12:34:01.ipxe", f.base);
+    // %63 = 'c': a percent-encoded path is not fast-path material.
+    let encoded = format!("{}/files/%63entos/vmlinuz", f.base);
+    let args: Vec<String> = vec![
+        "-sS".into(),
+        "--max-time".into(),
+        "20".into(),
+        "-D".into(),
+        out("headers"),
+        "-w".into(),
+        "%{http_code} %{num_connects}\\n".into(),
+        "-o".into(),
+        out("a"),
+        file.clone(),
+        "-o".into(),
+        out("b"),
+        script,
+        "-o".into(),
+        out("c"),
+        encoded,
+    ];
+    let res = tokio::task::spawn_blocking(move || Command::new("curl").args(&args).output())
+        .await
+        .unwrap()
+        .expect("curl");
+    let report = String::from_utf8_lossy(&res.stdout).to_string();
+    let lines: Vec<&str> = report.lines().collect();
+    assert_eq!(lines, ["200 1", "200 0", "200 0"], "{report}");
+    assert!(std::fs::read(out("a")).unwrap() == f.blob);
+    assert!(std::fs::read_to_string(out("b"))
+        .unwrap()
+        .starts_with("#!ipxe"));
+    assert!(std::fs::read(out("c")).unwrap() == f.blob);
+    let headers = std::fs::read_to_string(out("headers")).unwrap();
+    let etags: Vec<&str> = headers
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("etag:"))
+        .map(|l| l[5..].trim())
+        .collect();
+    assert_eq!(etags.len(), 2, "{headers}");
+    assert_eq!(etags[0], etags[1], "both paths give the same ETag");
+
+    // HTTP/1.0 without keep-alive: the body ends with the connection.
+    let (code, headers, body) = curl(&["-0", &file]).await;
+    assert_eq!(code, 200);
+    assert!(body == f.blob);
+    assert_eq!(header(&headers, "connection"), Some("close"));
+    f.shutdown.cancel();
+}

@@ -58,6 +58,10 @@ pub fn bind(iface: &Interface, port: u16) -> std::io::Result<StdUdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_reuse_address(true)?;
     s.set_broadcast(true)?;
+    // A boot storm arrives as a burst; the default ~200 KiB buffer overflowed
+    // in our perfdhcp runs (kernel drops before a single reply was late).
+    // The kernel caps this at net.core.rmem_max (see docs/operations.md).
+    let _ = s.set_recv_buffer_size(crate::net::STORM_RCVBUF);
     if !iface.name.is_empty() && iface.name != "lo" {
         s.bind_device(Some(iface.name.as_bytes())).map_err(|e| {
             std::io::Error::new(e.kind(), format!("SO_BINDTODEVICE {}: {e}", iface.name))
