@@ -16,7 +16,13 @@
 # Every chassis is set to "off" before each run; after it, the script checks
 # every simulated chassis is on.
 #
-# Knobs (environment): N (100) MAX_PARALLEL (32) ROUNDS (3) BASE_PORT (47600)
+# ipmi_sim answers in microseconds on loopback, so with BMC_DELAY_MS=0 the run
+# measures local CPU (ipmitool and ipmi_sim processes). Real BMCs take
+# hundreds of milliseconds per command; BMC_DELAY_MS makes every chassis
+# query and change of the simulated BMCs take that long (a sleep in the
+# chassis_control script), for both contenders alike.
+#
+# Knobs (environment): N (100) MAX_PARALLEL (32) ROUNDS (3) BMC_DELAY_MS (0) BASE_PORT (47600)
 # RESULTS_DIR (target/bench-results/<utc>) BENCH_TMPDIR (/var/tmp)
 # KEEP_WORKDIR (0) SKIP_BUILD (0) PROFILE (release; "debug" for a quick
 # check of the script itself, not for figures).
@@ -28,6 +34,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 N=${N:-100}
 MAX_PARALLEL=${MAX_PARALLEL:-32}
 ROUNDS=${ROUNDS:-3}
+BMC_DELAY_MS=${BMC_DELAY_MS:-0}
+DELAY=$(awk -v ms="$BMC_DELAY_MS" 'BEGIN { printf "%.3f", ms / 1000 }')
 BASE_PORT=${BASE_PORT:-47600}
 BENCH_TMPDIR=${BENCH_TMPDIR:-/var/tmp}
 KEEP_WORKDIR=${KEEP_WORKDIR:-0}
@@ -93,6 +101,7 @@ start_bmc() {
     cat >"$d/chassis.sh" <<EOF
 #!/bin/sh
 D=$d
+[ "$BMC_DELAY_MS" != 0 ] && sleep $DELAY
 case "\$1" in
   get) shift; for k in "\$@"; do v=\$(cat \$D/\$k 2>/dev/null || echo 0); echo "\$k:\$v"; done;;
   set) shift; while [ \$# -gt 1 ]; do echo "\$2" > \$D/\$1; shift 2; done;;
@@ -206,7 +215,8 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 RESULTS=$RESULTS_DIR/ipmi-power-storm.jsonl
 : >"$RESULTS"
 record() { # record NAME ROUND SECONDS ON
-    printf '{"run":"%s","round":%d,"seconds":%s,"hosts":%d,"powered_on":%d}\n' "$1" "$2" "$3" "$N" "$4" >>"$RESULTS"
+    printf '{"run":"%s","round":%d,"seconds":%s,"hosts":%d,"powered_on":%d,"bmc_delay_ms":%d,"max_parallel":%d,"loadavg":"%s"}\n' \
+        "$1" "$2" "$3" "$N" "$4" "$BMC_DELAY_MS" "$MAX_PARALLEL" "$(cut -d' ' -f1-3 /proc/loadavg)" >>"$RESULTS"
     log "$(printf '%-10s round %d: %6.2f s for %d hosts (%d on)' "$1" "$2" "$3" "$N" "$4")"
 }
 
