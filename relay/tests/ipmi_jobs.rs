@@ -10,7 +10,11 @@
 //!   a BMC that does not answer is retried, then failed with a clear reason;
 //! - a BMC outside the rack's OOB networks is refused without being contacted;
 //! - the relay killed (-9) while it holds a job: after the lease expires the
-//!   restarted relay leases it again and it succeeds, once;
+//!   restarted relay leases it again and it succeeds, once; a queued job of
+//!   the same host is cancelled and never runs;
+//! - fencing across relays: a relay frozen (SIGSTOP) mid-job loses it to a
+//!   second relay of the rack; thawed, its report for the old lease is
+//!   refused and the job stays as the second relay finished it;
 //! - no BMC password in any process's argument list (sampled from /proc all
 //!   along), in the relay's or coordinators' logs, or in pxemeshctl output.
 //!
@@ -216,6 +220,9 @@ struct Lab {
     coordinators: Vec<(String, Child)>,
     relay: Option<Child>,
     relay_metrics: String,
+    /// A second relay of the same rack (fencing across relays).
+    relay_b: Option<Child>,
+    relay_b_metrics: String,
     /// Every pxemeshctl output, scanned for passwords at the end.
     outputs: Mutex<Vec<String>>,
 }
@@ -297,6 +304,20 @@ impl Lab {
         self.relay = Some(child);
     }
 
+    fn start_relay_b(&mut self) {
+        let log = fs::File::create(self.path("relay-b.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pxemesh-relay"))
+            .arg("--config")
+            .arg(self.path("relay-b.toml"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn relay-b");
+        self.relay_b = Some(child);
+    }
+
     fn kill_relay(&mut self) {
         if let Some(mut c) = self.relay.take() {
             let _ = c.kill();
@@ -305,7 +326,11 @@ impl Lab {
     }
 
     fn metric(&self, name: &str, labels: &[&str]) -> f64 {
-        let body = http_get(&self.relay_metrics).unwrap_or_default();
+        self.metric_of(&self.relay_metrics, name, labels)
+    }
+
+    fn metric_of(&self, addr: &str, name: &str, labels: &[&str]) -> f64 {
+        let body = http_get(addr).unwrap_or_default();
         body.lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter(|l| labels.iter().all(|f| l.contains(f)))
@@ -315,6 +340,7 @@ impl Lab {
 
     fn logs(&self) -> String {
         let mut s = fs::read_to_string(self.path("relay.log")).unwrap_or_default();
+        s.push_str(&fs::read_to_string(self.path("relay-b.log")).unwrap_or_default());
         for i in 1..=3 {
             s.push_str(
                 &fs::read_to_string(self.path(&format!("coordinator-{i}.log"))).unwrap_or_default(),
@@ -327,6 +353,11 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.kill_relay();
+        if let Some(mut c) = self.relay_b.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for (_, c) in &mut self.coordinators {
             let _ = c.kill();
             let _ = c.wait();
@@ -382,6 +413,15 @@ fn setup() -> Lab {
         },
         "relay-a",
     );
+    issue(
+        &ca,
+        &d,
+        Role::Relay {
+            rack: "r1".into(),
+            name: "relay-b".into(),
+        },
+        "relay-b",
+    );
     let st = Command::new(&coord)
         .arg("gen-cluster-key")
         .arg(d.join("cluster.key"))
@@ -432,10 +472,9 @@ fn setup() -> Lab {
         .map(|(a, _)| format!("\"{a}\""))
         .collect();
     fs::create_dir_all(d.join("boot")).unwrap();
-    fs::write(
-        d.join("relay.toml"),
+    let relay_cfg = |name: &str, metrics_port: u16| {
         format!(
-            r#"name = "relay-a"
+            r#"name = "{name}"
 data_dir = "{data}"
 metrics_listen = "127.0.0.1:{metrics_port}"
 
@@ -466,21 +505,25 @@ retries = 2
 retry_backoff_ms = 200
 lease_seconds = 6
 "#,
-            data = d.join("relay-a").display(),
+            data = d.join(name).display(),
             endpoints = endpoints.join(", "),
             ca = d.join("ca.pem").display(),
-            cert = d.join("relay-a.pem").display(),
-            key = d.join("relay-a-key.pem").display(),
+            cert = d.join(format!("{name}.pem")).display(),
+            key = d.join(format!("{name}-key.pem")).display(),
             boot = d.join("boot").display(),
-        ),
-    )
-    .unwrap();
+        )
+    };
+    let metrics_b = free_tcp();
+    fs::write(d.join("relay.toml"), relay_cfg("relay-a", metrics_port)).unwrap();
+    fs::write(d.join("relay-b.toml"), relay_cfg("relay-b", metrics_b)).unwrap();
     let lab = Lab {
         dir,
         ctl,
         coordinators,
         relay: None,
         relay_metrics: format!("127.0.0.1:{metrics_port}"),
+        relay_b: None,
+        relay_b_metrics: format!("127.0.0.1:{metrics_b}"),
         outputs: Mutex::new(Vec::new()),
     };
     // Wait for a leader: a write goes through.
@@ -826,6 +869,85 @@ fn power_jobs_against_ipmi_sim() {
         1,
         "one success report for {id}"
     );
+
+    // --- a frozen relay's late report is refused (fencing across relays) ---
+    lab.start_relay_b();
+    b1.signal(libc::SIGSTOP);
+    let sub = lab.ctl_ok(&["power", "on", "h1"]);
+    let id2 = s(&sub["jobs"][0], "id").to_string();
+    let t = Instant::now();
+    let holder = loop {
+        let j = lab.job(&id2);
+        if s(&j, "state") == "running" {
+            break s(&j, "leased_by").to_string();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "job never ran: {j}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (frozen, frozen_metrics, other) = if holder == "relay-a" {
+        (
+            lab.relay.as_ref().unwrap().id(),
+            lab.relay_metrics.clone(),
+            "relay-b",
+        )
+    } else {
+        (
+            lab.relay_b.as_ref().unwrap().id(),
+            lab.relay_b_metrics.clone(),
+            "relay-a",
+        )
+    };
+    let refused_before = lab.metric_of(
+        &frozen_metrics,
+        "pxemesh_relay_ipmi_reports_refused_total",
+        &[],
+    );
+    unsafe { libc::kill(frozen as i32, libc::SIGSTOP) };
+    b1.signal(libc::SIGCONT);
+    let t = Instant::now();
+    let done = loop {
+        let j = lab.job(&id2);
+        if ["succeeded", "failed"].contains(&s(&j, "state")) {
+            break j;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "job not taken over: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s(&done, "state"), "succeeded", "{done}");
+    assert_eq!(
+        (done["attempts"].as_u64(), s(&done, "leased_by")),
+        (Some(2), other),
+        "{done}"
+    );
+    unsafe { libc::kill(frozen as i32, libc::SIGCONT) };
+    // The thawed relay's renewal or final report carries lease 1: refused.
+    let t = Instant::now();
+    while lab.metric_of(
+        &frozen_metrics,
+        "pxemesh_relay_ipmi_reports_refused_total",
+        &[],
+    ) <= refused_before
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the stale relay's report was not refused"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = lab.job(&id2);
+    assert_eq!(
+        (
+            s(&after, "state"),
+            after["attempts"].as_u64(),
+            s(&after, "leased_by")
+        ),
+        ("succeeded", Some(2), other),
+        "{after}"
+    );
+    assert_eq!(b1.read("power"), "1");
 
     // --- no password anywhere ------------------------------------------------------
     stop.store(true, Ordering::Relaxed);
