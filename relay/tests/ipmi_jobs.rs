@@ -837,7 +837,7 @@ fn power_jobs_against_ipmi_sim() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(s(&done, "state"), "succeeded", "{done}");
-    assert_eq!(done["attempts"], 2, "leased again once: {done}");
+    assert!(done["attempts"].as_u64() >= Some(2), "leased again: {done}");
     assert!(
         killed_at.elapsed() >= Duration::from_secs(3),
         "re-leased only after the lease expired"
@@ -917,11 +917,10 @@ fn power_jobs_against_ipmi_sim() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(s(&done, "state"), "succeeded", "{done}");
-    assert_eq!(
-        (done["attempts"].as_u64(), s(&done, "leased_by")),
-        (Some(2), other),
-        "{done}"
-    );
+    // Taken over: a later lease (2, or more if a lease answer was lost on
+    // this loaded machine and had to expire too), finished by the other relay.
+    assert!(done["attempts"].as_u64() >= Some(2), "{done}");
+    assert_eq!(s(&done, "leased_by"), other, "{done}");
     unsafe { libc::kill(frozen as i32, libc::SIGCONT) };
     // The thawed relay's renewal or final report carries lease 1: refused.
     let t = Instant::now();
@@ -944,7 +943,7 @@ fn power_jobs_against_ipmi_sim() {
             after["attempts"].as_u64(),
             s(&after, "leased_by")
         ),
-        ("succeeded", Some(2), other),
+        ("succeeded", done["attempts"].as_u64(), other),
         "{after}"
     );
     assert_eq!(b1.read("power"), "1");

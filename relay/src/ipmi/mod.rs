@@ -44,7 +44,8 @@ pub struct IpmiConfig {
     /// First back-off between attempts; doubles each time.
     pub retry_backoff_ms: u64,
     /// How long a leased job stays this relay's before the coordinators
-    /// hand it to another lease.
+    /// hand it to another lease; renewed every third of it while the job
+    /// runs, so it bounds how long a dead relay's jobs wait, not job length.
     pub lease_seconds: u32,
 }
 
@@ -58,7 +59,7 @@ impl Default for IpmiConfig {
             session_timeout_seconds: 2,
             retries: 3,
             retry_backoff_ms: 1000,
-            lease_seconds: 300,
+            lease_seconds: 60,
         }
     }
 }

@@ -44,7 +44,9 @@ pub struct RunnerContext<B: PowerBackend> {
 
 /// How long one LeaseJobs call waits at the coordinator for work.
 const LEASE_WAIT_MS: u32 = 10_000;
-const RPC_TIMEOUT: Duration = Duration::from_secs(15);
+/// Well above the coordinator's wait plus a proposal: an answer given up on
+/// leaves its jobs leased to us until the lease expires.
+const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// Time given to running jobs at shutdown before they are abandoned (their
 /// leases expire and the jobs run again).
