@@ -114,6 +114,15 @@ impl Config {
                 self.node_id
             ));
         }
+        if self.join && !seen.keys().any(|id| *id != self.node_id) {
+            // The leader contacts a joining node, but the node must answer:
+            // without its peers' addresses every reply is dropped and it
+            // never catches up.
+            return bad(format!(
+                "join = true needs [[peers]] with the addresses of the running members (node {} must be able to answer the leader)",
+                self.node_id
+            ));
+        }
         let r = &self.raft;
         if r.tick_ms == 0 || r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
             return bad("raft: need tick_ms > 0 and election_ticks > heartbeat_ticks > 0".into());
@@ -188,5 +197,16 @@ catchup_entries = 10
             .contains("not in [[peers]]"));
         let err = Config::from_toml(&SAMPLE.replace("node_id", "nodeid")).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+        // A joining node needs the running members' addresses to answer them.
+        let mut j = c.clone();
+        j.node_id = 9;
+        j.join = true;
+        j.validate().unwrap();
+        j.peers.clear();
+        assert!(j
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("join = true needs [[peers]]"));
     }
 }

@@ -541,6 +541,22 @@ impl State {
         Txn::new(&self.tree).records(kind)
     }
 
+    /// The records of `kind` whose stored JSON contains `needle`, decoded.
+    /// A cheap pre-filter for scans that want a small subset (a rack's hosts
+    /// out of 100 000): only candidates pay for JSON decoding; callers still
+    /// check the decoded record, since a match may be a false positive.
+    pub fn list_containing(&self, kind: Kind, needle: &[u8]) -> Result<Vec<Record>, CoordError> {
+        let finder = memchr::memmem::Finder::new(needle);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(rec_prefix(kind)) {
+            let (_, v) = kv?;
+            if finder.find(&v).is_some() {
+                out.push(serde_json::from_slice(&v)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Stored boot events with an id above `after`, optionally of one MAC, oldest first.
     pub fn events(
         &self,
@@ -944,6 +960,41 @@ mod tests {
     fn apply(s: &State, idx: &mut u64, cmd: Command) -> Result<ApplyOutcome, StateError> {
         *idx += 1;
         s.execute(&cmd, Some((*idx, 1))).unwrap()
+    }
+
+    #[test]
+    fn list_containing_finds_exactly_the_rack_needle() {
+        let (_d, s) = state();
+        let mut i = 0;
+        let mut other = host("h10", "52:54:00:00:00:10", "10.1.0.10");
+        if let Record::Host(h) = &mut other {
+            h.rack = "r10".into();
+            h.network = "n10".into();
+        }
+        apply(
+            &s,
+            &mut i,
+            Command::Put(vec![
+                rack("r1"),
+                rack("r10"),
+                net("n1", "r1", "10.0.0.0/24"),
+                net("n10", "r10", "10.1.0.0/24"),
+                host("h1", "52:54:00:00:00:01", "10.0.0.10"),
+                other,
+            ]),
+        )
+        .unwrap();
+        // The needle api/relay.rs builds for rack "r1".
+        let needle = format!("\"rack\":{}", serde_json::to_string("r1").unwrap());
+        let names = |k| -> Vec<String> {
+            s.list_containing(k, needle.as_bytes())
+                .unwrap()
+                .iter()
+                .map(|r| r.name().to_string())
+                .collect()
+        };
+        assert_eq!(names(Kind::Host), ["h1"]);
+        assert_eq!(names(Kind::Network), ["n1"]);
     }
 
     #[test]

@@ -110,15 +110,18 @@ write_config() { # write_config ID JOIN
             "$PKI/ca.pem" "$PKI/coordinator-$i.pem" "$PKI/coordinator-$i-key.pem"
         printf '[raft]\nsnapshot_entries = %d\ncatchup_entries = %d\n' \
             "$SNAPSHOT_ENTRIES" "$((SNAPSHOT_ENTRIES / 5))"
-        if [ "$join" = false ]; then
-            for j in 1 2 3; do
-                printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$j" "${PORTS[$((j - 1))]}"
-            done
+        # The initial members; a joining node lists them too (and itself), so
+        # that it can answer the leader.
+        for j in 1 2 3; do
+            printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$j" "${PORTS[$((j - 1))]}"
+        done
+        if [ "$join" = true ]; then
+            printf '\n[[peers]]\nid = %d\naddress = "127.0.0.1:%d"\n' "$i" "${PORTS[$((i - 1))]}"
         fi
     } >"$d/coordinator.toml"
 }
 start_node() {
-    RUST_LOG=info "$BIN/pxemesh-coordinator" --config "$WORK/node$1/coordinator.toml" \
+    RUST_LOG=${COORD_LOG:-info} "$BIN/pxemesh-coordinator" --config "$WORK/node$1/coordinator.toml" \
         </dev/null >"$WORK/node$1/coordinator.log" 2>&1 &
     NODE_PID[$1]=$!
     PIDS+=($!)
@@ -211,9 +214,12 @@ start_node 4
 caught_ns=
 leader_applied=$("${CTL[@]}" cluster status -o json | jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max')
 for _ in $(seq 1 1200); do
+    # Until node 4 answers, pxemeshctl prints an unreachable entry (no index): 0.
     a=$("$BIN/pxemeshctl" --endpoints "127.0.0.1:${PORTS[3]}" --tls-dir "$PKI" --cert-stem admin --timeout 2 \
-        cluster status -o json 2>/dev/null | jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max' 2>/dev/null || echo 0)
-    if [ "${a:-0}" != null ] && [ "${a:-0}" -ge "$leader_applied" ]; then caught_ns=$(date +%s%N); break; fi
+        cluster status -o json 2>/dev/null |
+        jq -r '[.. | objects | select(has("applied_index")) | .applied_index] | max // 0' 2>/dev/null | head -n1)
+    case "$a" in '' | *[!0-9]*) a=0 ;; esac
+    if [ "$a" -ge "$leader_applied" ]; then caught_ns=$(date +%s%N); break; fi
     sleep 0.05
 done
 [ -n "$caught_ns" ] || die "node 4 did not catch up within 60 s; see $WORK/node4/coordinator.log"

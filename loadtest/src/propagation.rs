@@ -72,6 +72,29 @@ impl PropagationReport {
     }
 }
 
+/// A relay's watch from revision 0, as a relay with an empty store opens
+/// it: the stream, and the rack snapshot that must come first on it.
+pub(crate) async fn watch_from_scratch(
+    endpoint: &str,
+    tls: Arc<Tls>,
+) -> Result<(tonic::Streaming<pb::WatchResponse>, pb::RackSnapshot)> {
+    let mut rs = RelayServiceClient::new(client::channel(endpoint, tls).await?)
+        .max_decoding_message_size(256 << 20);
+    let mut stream = rs
+        .watch(pb::WatchRequest {
+            from_revision: 0,
+            rack: String::new(),
+        })
+        .await?
+        .into_inner();
+    match stream.message().await? {
+        Some(pb::WatchResponse {
+            message: Some(pb::watch_response::Message::Snapshot(s)),
+        }) => Ok((stream, s)),
+        other => bail!("expected a snapshot first, got {other:?}"),
+    }
+}
+
 pub(crate) fn issue_relay_certs(
     ca_dir: &Path,
     out: &Path,
@@ -137,22 +160,10 @@ pub async fn propagation(cfg: &PropagationConfig) -> Result<PropagationReport> {
     for (i, tls) in certs.into_iter().enumerate() {
         let endpoint = cfg.endpoints[i % cfg.endpoints.len()].clone();
         let tx = tx.clone();
-        let mut rs = RelayServiceClient::new(client::channel(&endpoint, tls).await?)
-            .max_decoding_message_size(256 << 20);
-        let mut stream = rs
-            .watch(pb::WatchRequest {
-                from_revision: 0,
-                rack: String::new(),
-            })
-            .await?
-            .into_inner();
         // The snapshot first, so every watcher is live before the writes start.
-        match stream.message().await? {
-            Some(pb::WatchResponse {
-                message: Some(pb::watch_response::Message::Snapshot(_)),
-            }) => {}
-            other => bail!("watcher {i}: expected a snapshot first, got {other:?}"),
-        }
+        let (mut stream, _) = watch_from_scratch(&endpoint, tls)
+            .await
+            .with_context(|| format!("watcher {i}"))?;
         tasks.push(tokio::spawn(async move {
             while let Ok(Some(m)) = stream.message().await {
                 if let Some(pb::watch_response::Message::Event(e)) = m.message {

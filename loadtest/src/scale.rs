@@ -18,10 +18,9 @@ use pxemesh_certs::{Tls, TlsPaths};
 use pxemesh_coordinator::client;
 use pxemesh_proto::v1 as pb;
 use pxemesh_proto::v1::admin_service_client::AdminServiceClient;
-use pxemesh_proto::v1::relay_service_client::RelayServiceClient;
 use serde::Serialize;
 
-use crate::propagation::issue_relay_certs;
+use crate::propagation::{issue_relay_certs, watch_from_scratch};
 
 pub struct ScaleConfig {
     pub endpoints: Vec<String>,
@@ -198,21 +197,9 @@ pub async fn scale(cfg: &ScaleConfig) -> Result<ScaleReport> {
             .context("relay certificate")?;
         let endpoint = &cfg.endpoints[t as usize % cfg.endpoints.len()];
         let t0 = Instant::now();
-        let mut rs = RelayServiceClient::new(client::channel(endpoint, tls).await?)
-            .max_decoding_message_size(256 << 20);
-        let mut stream = rs
-            .watch(pb::WatchRequest {
-                from_revision: 0,
-                rack: String::new(),
-            })
-            .await?
-            .into_inner();
-        let snap = match stream.message().await? {
-            Some(pb::WatchResponse {
-                message: Some(pb::watch_response::Message::Snapshot(s)),
-            }) => s,
-            other => bail!("rack {rack}: expected a snapshot first, got {other:?}"),
-        };
+        let (_stream, snap) = watch_from_scratch(endpoint, tls)
+            .await
+            .with_context(|| format!("rack {rack}"))?;
         let took = t0.elapsed();
         hist.record((took.as_micros() as u64).max(1))?;
         let hosts = snap
@@ -229,7 +216,7 @@ pub async fn scale(cfg: &ScaleConfig) -> Result<ScaleReport> {
                 cfg.hosts_per_rack
             );
         }
-        // Scoping holds at scale too: nothing of another rack, BMC secrets present.
+        // Scoping holds at scale too: nothing of another rack, no secrets.
         for o in &snap.objects {
             if let Some(pb::object::Record::Host(h)) = &o.record {
                 if h.rack != rack {
@@ -239,11 +226,9 @@ pub async fn scale(cfg: &ScaleConfig) -> Result<ScaleReport> {
                         h.rack
                     );
                 }
-                if h.bmc.as_ref().is_none_or(|b| b.password.is_empty()) {
-                    bail!(
-                        "rack {rack}: host {} arrived without its BMC password",
-                        h.name
-                    );
+                // BMC secrets reach relays only with a leased power job.
+                if h.bmc.as_ref().is_some_and(|b| !b.password.is_empty()) {
+                    bail!("rack {rack}: host {} arrived with its BMC password", h.name);
                 }
             }
         }
