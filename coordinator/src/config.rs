@@ -80,6 +80,9 @@ pub struct Config {
     pub join: bool,
     #[serde(default)]
     pub raft: RaftConfig,
+    /// Image store: replication, garbage collection, scrubbing.
+    #[serde(default)]
+    pub images: crate::images::ImagesConfig,
 }
 
 impl Config {

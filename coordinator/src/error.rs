@@ -52,6 +52,8 @@ pub enum CoordError {
     Config(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Blob(#[from] crate::blobs::BlobError),
 }
 
 impl CoordError {

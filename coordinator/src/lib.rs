@@ -4,10 +4,13 @@
 //! Entry point: [`server::run`]. See ARCHITECTURE.md for the code map.
 
 pub mod api;
+pub mod blobs;
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod imagepush;
+pub mod images;
 pub mod import;
 pub mod jobs;
 pub mod metrics;

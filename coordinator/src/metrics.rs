@@ -30,6 +30,7 @@ pub struct Metrics {
     pub log_syncs: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
+    pub images: crate::images::ImageMetrics,
 }
 
 impl Metrics {
@@ -52,6 +53,7 @@ impl Metrics {
             log_syncs: Counter::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
+            images: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -130,6 +132,7 @@ impl Metrics {
             "Calls refused by authorization",
             m.auth_denied.clone(),
         );
+        m.images.register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -21,6 +21,7 @@ use crate::api::admin::AdminApi;
 use crate::api::auth::AuthLayer;
 use crate::api::raft::RaftApi;
 use crate::api::relay::RelayApi;
+use crate::blobs::BlobStore;
 use crate::config::Config;
 use crate::crypto::ClusterKey;
 use crate::error::CoordError;
@@ -117,7 +118,13 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     );
-    let admin = AdminServiceServer::new(AdminApi::new(node.clone(), key.clone()));
+    let blobs = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
+    let admin = AdminServiceServer::new(AdminApi::new(
+        node.clone(),
+        key.clone(),
+        blobs.clone(),
+        metrics.clone(),
+    ));
     let raft = RaftServiceServer::new(RaftApi::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
@@ -130,11 +137,22 @@ pub async fn run(
         .add_service(reflection)
         .add_service(admin)
         .add_service(RelayServiceServer::new(
-            RelayApi::new(node.clone()).with_cluster_key(key),
+            RelayApi::new(node.clone(), blobs.clone(), metrics.clone()).with_cluster_key(key),
         ))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let grpc = tokio::spawn(grpc);
+
+    tracker.spawn(crate::images::run(
+        crate::images::Replicator {
+            node: node.clone(),
+            store: blobs.clone(),
+            tls: tls.clone(),
+            metrics: metrics.clone(),
+            config: config.images.clone(),
+        },
+        shutdown.clone(),
+    ));
 
     if let Some(ml) = listeners.metrics {
         let addr = ml.local_addr()?;

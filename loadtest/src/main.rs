@@ -1,5 +1,7 @@
 //! `pxemesh-loadtest`: command-line front of the `pxemesh_loadtest` library.
 
+mod cli_storm;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -27,6 +29,18 @@ enum Cmd {
     Propagation(PropagationArgs),
     /// Fill the cluster with racks and hosts, then time full rack resyncs.
     Scale(ScaleArgs),
+    /// Boot storm: simulated hosts through DHCP, TFTP and HTTP boot.
+    Storm(Box<cli_storm::StormArgs>),
+    /// Write the static-mode rack file reserving a storm's hosts.
+    StormRack(cli_storm::StormRackArgs),
+    /// DHCP rate sweep: DORA of reserved hosts at increasing rates.
+    Dhcp(cli_storm::DhcpArgs),
+    /// Concurrent TFTP transfers of one file.
+    Tftp(cli_storm::TftpArgs),
+    /// Concurrent HTTP downloads of one URL.
+    Http(cli_storm::HttpArgs),
+    /// IPMI load (not yet: part of the IPMI work).
+    Ipmi,
 }
 
 #[derive(Args)]
@@ -194,6 +208,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Storm(a) => cli_storm::storm(*a).await,
+        Cmd::StormRack(a) => cli_storm::storm_rack(&a),
+        Cmd::Dhcp(a) => cli_storm::dhcp_driver(a).await,
+        Cmd::Tftp(a) => cli_storm::tftp_driver(a).await,
+        Cmd::Http(a) => cli_storm::http_driver(a).await,
+        Cmd::Ipmi => bail!("the ipmi driver is not implemented yet (it comes with the IPMI work)"),
         Cmd::Propagation(a) => {
             let cfg = pxemesh_loadtest::propagation::PropagationConfig {
                 endpoints: a.endpoints,

@@ -107,6 +107,58 @@ async fn writes_50_hosts_with_4_clients() {
     );
     assert!(p.from_send.value_at_quantile(0.99) >= 1);
 
+    // Storm registration (`storm --register`): 30 hosts, with their rack,
+    // network and profile, put through the admin API; the hosts are deleted
+    // again afterwards.
+    {
+        use pxemesh_loadtest::storm::fleet::{BootFiles, Fleet};
+        use pxemesh_loadtest::storm::register::{register, Registration};
+        use pxemesh_proto::v1 as pb;
+        let fleet = Fleet {
+            prefix: "reg".into(),
+            count: 30,
+            subnet: "10.77.0.0".parse().unwrap(),
+            prefix_len: 16,
+        };
+        let reg = Registration {
+            endpoints: vec![addr.clone()],
+            tls: TlsPaths::in_dir(d, "admin"),
+            rack: "storm-r".into(),
+            network: "storm-n".into(),
+        };
+        let r = register(&reg, &fleet, &BootFiles::default())
+            .await
+            .expect("register storm hosts");
+        let tls = pxemesh_certs::Tls::load(TlsPaths::in_dir(d, "admin")).unwrap();
+        let ch = pxemesh_coordinator::client::channel(&addr, tls)
+            .await
+            .unwrap();
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(ch);
+        let get = |name: &str| pb::GetRequest {
+            kind: pb::Kind::Host as i32,
+            name: name.into(),
+            consistency: 0,
+        };
+        let h = admin.get(get("reg-00029")).await.expect("registered host");
+        match h.into_inner().object.and_then(|o| o.record) {
+            Some(pb::object::Record::Host(h)) => {
+                assert_eq!(h.mac, fleet.host(29).mac_text());
+                assert_eq!(h.ip, "10.77.0.39");
+                assert_eq!(
+                    (h.rack.as_str(), h.network.as_str()),
+                    ("storm-r", "storm-n")
+                );
+            }
+            other => panic!("not a host: {other:?}"),
+        }
+        assert_eq!(r.cleanup().await.unwrap(), 0, "every delete succeeds");
+        let gone = admin.get(get("reg-00000")).await.unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound);
+        // A second registration finds rack, network and profile in place.
+        let again = register(&reg, &fleet, &BootFiles::default()).await.unwrap();
+        assert_eq!(again.cleanup().await.unwrap(), 0);
+    }
+
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), server)
         .await

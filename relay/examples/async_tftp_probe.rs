@@ -156,6 +156,7 @@ async fn start_pxemesh(
         events,
         metrics,
         loaders: Default::default(),
+        cache: None,
     });
     let socket = UdpSocket::bind("127.0.0.1:0").await?;
     let addr = socket.local_addr()?;

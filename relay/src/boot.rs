@@ -210,13 +210,14 @@ pub fn ipxe_script(host: &Host, profile: Option<&Profile>, base: &str) -> Result
     }
     s.push_str(&format!(
         "kernel {base}/files/{} {}\n",
-        p.kernel,
+        file_name(p, &p.kernel),
         args.trim()
     ));
     for (i, path) in p.initrds.iter().enumerate() {
         s.push_str(&format!(
-            "initrd --name {} {base}/files/{path}\n",
-            initrd_names[i]
+            "initrd --name {} {base}/files/{}\n",
+            initrd_names[i],
+            file_name(p, path)
         ));
     }
     s.push_str("boot\n");
@@ -239,7 +240,8 @@ pub fn pxelinux_config(host: &Host, profile: Option<&Profile>) -> Result<String,
     }
     let mut append = String::new();
     if !p.initrds.is_empty() {
-        append.push_str(&format!("initrd={}", p.initrds.join(",")));
+        let names: Vec<String> = p.initrds.iter().map(|i| file_name(p, i)).collect();
+        append.push_str(&format!("initrd={}", names.join(",")));
     }
     let args = kernel_args(host, p);
     if !args.is_empty() {
@@ -250,8 +252,20 @@ pub fn pxelinux_config(host: &Host, profile: Option<&Profile>) -> Result<String,
     }
     Ok(format!(
         "DEFAULT pxemesh\nPROMPT 0\nTIMEOUT 1\nLABEL pxemesh\n  KERNEL {}\n  APPEND {}\n",
-        p.kernel, append
+        file_name(p, &p.kernel),
+        append
     ))
+}
+
+/// The TFTP/HTTP name of a profile's kernel or initrd: a path in the boot
+/// directory, or `images/<image>/<path>` (served from the image cache) when
+/// the profile names an image.
+pub fn file_name(p: &Profile, path: &str) -> String {
+    if p.image.is_empty() {
+        path.to_string()
+    } else {
+        format!("images/{}/{path}", p.image)
+    }
 }
 
 /// `pxelinux.cfg/01-aa-bb-cc-dd-ee-ff` → the MAC, for per-host lookups.
@@ -325,6 +339,23 @@ mod tests {
             choose(ClientArch::from_option93(Some(99)), false, mac, &b, base),
             BootTarget::None
         );
+    }
+
+    #[test]
+    fn image_profiles_name_cached_files() {
+        let mut p = profile(ProfileKind::Kickstart);
+        p.image = "centos9".into();
+        let s = ipxe_script(&host(), Some(&p), "http://10.20.0.2").unwrap();
+        assert!(
+            s.contains("kernel http://10.20.0.2/files/images/centos9/centos/vmlinuz "),
+            "{s}"
+        );
+        assert!(s.contains(
+            "initrd --name initrd.img http://10.20.0.2/files/images/centos9/centos/initrd.img"
+        ));
+        let c = pxelinux_config(&host(), Some(&p)).unwrap();
+        assert!(c.contains("KERNEL images/centos9/centos/vmlinuz"), "{c}");
+        assert!(c.contains("initrd=images/centos9/centos/initrd.img"), "{c}");
     }
 
     #[test]

@@ -173,6 +173,9 @@ pub struct RelayConfig {
     /// Power jobs (sync mode).
     #[serde(default)]
     pub ipmi: crate::ipmi::IpmiConfig,
+    /// Image cache (sync mode).
+    #[serde(default)]
+    pub cache: crate::cache::CacheConfig,
 }
 
 impl RelayConfig {

@@ -40,6 +40,8 @@ pub struct HttpContext {
     pub loaders: Arc<LoaderTracker>,
     /// sha256 ETags by (path, length, mtime): computed once per file version.
     etags: Mutex<HashMap<(PathBuf, u64, SystemTime), String>>,
+    /// Image cache (sync mode): serves `/files/images/<image>/<path>`.
+    pub cache: Option<Arc<crate::cache::BlobCache>>,
 }
 
 impl HttpContext {
@@ -57,6 +59,7 @@ impl HttpContext {
             metrics,
             loaders,
             etags: Mutex::new(HashMap::new()),
+            cache: None,
         }
     }
 }
@@ -346,6 +349,52 @@ fn text_reply(code: StatusCode, body: String) -> Reply {
     }
 }
 
+/// A file of the boot directory, opened, with its length and sha256 ETag.
+async fn open_boot_file(
+    ctx: &HttpContext,
+    path: &str,
+    peer: SocketAddr,
+) -> Result<(std::fs::File, u64, String), Reply> {
+    let full = match files::resolve(&ctx.config.boot.dir, path) {
+        Ok(p) => p,
+        Err(PathError::Forbidden(p)) => {
+            ctx.metrics.http("files", 403);
+            warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
+            return Err(text_reply(
+                StatusCode::FORBIDDEN,
+                format!("access violation: {p}"),
+            ));
+        }
+        Err(PathError::NotFound(p)) => {
+            ctx.metrics.http("files", 404);
+            return Err(text_reply(
+                StatusCode::NOT_FOUND,
+                format!("file not found: {p}"),
+            ));
+        }
+    };
+    let opened = async {
+        // Opened through tokio (a blocking-pool hop per request, not per chunk).
+        let f = tokio::fs::File::open(&full).await?.into_std().await;
+        let meta = f.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let len = meta.len();
+        let etag = etag_for(ctx, &full, len, meta.modified()?).await?;
+        Ok::<_, std::io::Error>((f, len, etag))
+    }
+    .await;
+    opened.map_err(|e| {
+        ctx.metrics.http("files", 500);
+        warn!(path = %full.display(), error = %e, "cannot read boot file");
+        text_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot read {path}: {e}"),
+        )
+    })
+}
+
 /// Resolve `GET|HEAD /files/<path>`: traversal checks, ETag, conditional and
 /// range requests, metrics and the boot event.
 pub(crate) async fn plan_file(
@@ -355,27 +404,33 @@ pub(crate) async fn plan_file(
     headers: &HeaderMap,
     peer: SocketAddr,
 ) -> Reply {
-    let full = match files::resolve(&ctx.config.boot.dir, path) {
-        Ok(p) => p,
-        Err(PathError::Forbidden(p)) => {
-            ctx.metrics.http("files", 403);
-            warn!(%peer, path = %p, "HTTP path outside the boot directory refused");
-            return text_reply(StatusCode::FORBIDDEN, format!("access violation: {p}"));
+    // Image files come from the cache (ETag = the blob's digest, verified
+    // before it is served), the rest from the boot directory.
+    let blob = match (&ctx.cache, files::sanitize(path)) {
+        (Some(cache), Ok(rel)) => {
+            crate::cache::resolve(&ctx.state.load(), &rel).map(|(d, _)| (cache.clone(), d))
         }
-        Err(PathError::NotFound(p)) => {
-            ctx.metrics.http("files", 404);
-            return text_reply(StatusCode::NOT_FOUND, format!("file not found: {p}"));
-        }
+        _ => None,
+    };
+    let opened = match blob {
+        Some((cache, digest)) => match cache.open_blob(&digest).await {
+            Ok((f, len)) => (f, len, format!("\"{digest}\"")),
+            Err(e) => {
+                ctx.metrics.http("files", 503);
+                warn!(%peer, path, error = %e, "image file unavailable");
+                return text_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("image file {path} unavailable: {e}"),
+                );
+            }
+        },
+        None => match open_boot_file(ctx, path, peer).await {
+            Ok(x) => x,
+            Err(reply) => return reply,
+        },
     };
     let served = async {
-        // Opened through tokio (a blocking-pool hop per request, not per chunk).
-        let f = tokio::fs::File::open(&full).await?.into_std().await;
-        let meta = f.metadata()?;
-        if !meta.is_file() {
-            return Err(std::io::Error::other("not a regular file"));
-        }
-        let len = meta.len();
-        let etag = etag_for(ctx, &full, len, meta.modified()?).await?;
+        let (f, len, etag) = opened;
         if headers
             .get(header::IF_NONE_MATCH)
             .and_then(|v| v.to_str().ok())
@@ -407,7 +462,7 @@ pub(crate) async fn plan_file(
         Ok(x) => x,
         Err(e) => {
             ctx.metrics.http("files", 500);
-            warn!(path = %full.display(), error = %e, "cannot read boot file");
+            warn!(path, error = %e, "cannot read boot file");
             return text_reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("cannot read {path}: {e}"),

@@ -3,6 +3,7 @@
 //! with the coordinators).
 
 pub mod boot;
+pub mod cache;
 pub mod config;
 pub mod dhcp;
 pub mod durable;

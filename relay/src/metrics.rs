@@ -34,6 +34,8 @@ pub struct KindLabels {
 
 pub struct RelayMetrics {
     registry: Registry,
+    /// Image cache (see `cache`).
+    pub cache: crate::cache::CacheMetrics,
     pub dhcp_messages: Family<DhcpLabels, Counter>,
     pub dhcp_seconds: Histogram,
     pub tftp_transfers: Family<OutcomeLabels, Counter>,
@@ -75,6 +77,7 @@ impl RelayMetrics {
         let mut r = Registry::with_prefix("pxemesh_relay");
         let m = RelayMetrics {
             registry: Registry::default(),
+            cache: Default::default(),
             dhcp_messages: Family::default(),
             dhcp_seconds: latency(),
             tftp_transfers: Family::default(),
@@ -182,6 +185,7 @@ impl RelayMetrics {
             "Unacknowledged boot events dropped (journal full or refused)",
             m.boot_events_dropped.clone(),
         );
+        m.cache.register(&mut r);
         RelayMetrics { registry: r, ..m }
     }
 

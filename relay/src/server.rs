@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::boot::LoaderTracker;
+use crate::cache::{self, BlobCache, Upstream};
 use crate::config::{CoordinatorsConfig, Interface, RelayConfig};
 use crate::dhcp::{self, DhcpContext, Leases};
 use crate::error::RelayError;
@@ -76,6 +77,33 @@ pub async fn run(
     if let (Some(coordinators), true) = (&config.coordinators, config.ipmi.enabled) {
         start_jobs(&config, coordinators, &db, &metrics, &tracker, &shutdown)?;
     }
+    // Sync mode: the image cache, fed from the same coordinators.
+    let cache = match &config.coordinators {
+        Some(c) => {
+            let (tls, _, _) = load_relay_identity(&config, c)?;
+            let cache = BlobCache::open(
+                &config.data_dir.join("cache"),
+                &db,
+                Some(Upstream {
+                    endpoints: c.endpoints.clone(),
+                    tls,
+                }),
+                config.cache.clone(),
+                metrics.clone(),
+                tracker.clone(),
+                shutdown.clone(),
+            )?;
+            info!(
+                budget_bytes = config.cache.budget_bytes,
+                cached_bytes = cache.bytes(),
+                "image cache ready"
+            );
+            tracker.spawn(cache::run(cache.clone(), state.clone(), shutdown.clone()));
+            Some(cache)
+        }
+        None => None,
+    };
+
     // The journal on disk at least every 200 ms (see `events`).
     tracker.spawn(events::flush_loop(events.clone(), shutdown.clone()));
     if config.dhcp.enabled && !listeners.dhcp.is_empty() {
@@ -109,6 +137,7 @@ pub async fn run(
             events: events.clone(),
             metrics: metrics.clone(),
             loaders: loaders.clone(),
+            cache: cache.clone(),
         });
         let sd = shutdown.clone();
         tracker.spawn(async move {
@@ -121,13 +150,15 @@ pub async fn run(
         l.set_nonblocking(true)?;
         let l = tokio::net::TcpListener::from_std(l)?;
         info!(addr = %l.local_addr()?, "HTTP boot listening");
-        let ctx = Arc::new(HttpContext::new(
+        let mut http_ctx = HttpContext::new(
             config.clone(),
             state.clone(),
             events.clone(),
             metrics.clone(),
             loaders.clone(),
-        ));
+        );
+        http_ctx.cache = cache.clone();
+        let ctx = Arc::new(http_ctx);
         let sd = shutdown.clone();
         tracker.spawn(async move {
             if let Err(e) = http::run(ctx, l, sd).await {

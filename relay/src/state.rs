@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use pxemesh_coordinator::model::{Host, Mac, Network, Profile};
+use pxemesh_coordinator::model::{Host, Image, Mac, Network, Profile};
 use serde::Deserialize;
 
 use crate::error::RelayError;
@@ -29,6 +29,8 @@ pub struct RackState {
     profiles: HashMap<String, Profile>,
     by_mac: HashMap<Mac, usize>,
     by_ip: HashMap<Ipv4Addr, usize>,
+    /// Image manifests (sync mode): what `images/<name>/<path>` names.
+    images: HashMap<String, Image>,
 }
 
 /// The static-file format (TOML or JSON): the same field names as the
@@ -103,7 +105,26 @@ impl RackState {
             hosts,
             profiles: profiles.into_iter().map(|p| (p.name.clone(), p)).collect(),
             by_mac,
+            images: HashMap::new(),
         })
+    }
+
+    /// The same state with these image manifests.
+    pub fn with_images(mut self, images: impl IntoIterator<Item = Image>) -> RackState {
+        self.images = images.into_iter().map(|i| (i.name.clone(), i)).collect();
+        self
+    }
+
+    pub fn image(&self, name: &str) -> Option<&Image> {
+        self.images.get(name)
+    }
+
+    pub fn images(&self) -> impl Iterator<Item = &Image> {
+        self.images.values()
+    }
+
+    pub fn profiles(&self) -> impl Iterator<Item = &Profile> {
+        self.profiles.values()
     }
 
     pub fn from_static_file(path: &Path) -> Result<RackState, RelayError> {

@@ -165,6 +165,7 @@ impl RackStore {
             }
         }
         RackState::new(&self.rack, self.applied, networks, hosts, profiles)
+            .map(|s| s.with_images(self.images().cloned()))
     }
 
     pub fn rack(&self) -> &str {

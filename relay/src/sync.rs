@@ -594,6 +594,14 @@ fn counters(metrics: &RelayMetrics) -> HashMap<String, u64> {
             u64::try_from(metrics.boot_events_pending.get()).unwrap_or(0),
         ),
         ("boot_events_dropped", metrics.boot_events_dropped.get()),
+        ("cache_hits", metrics.cache.hits.get()),
+        ("cache_misses", metrics.cache.misses.get()),
+        ("cache_evictions", metrics.cache.evictions.get()),
+        (
+            "cache_upstream_fetches",
+            metrics.cache.upstream_fetches.get(),
+        ),
+        ("cache_corrupt", metrics.cache.corrupt.get()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -629,7 +637,7 @@ async fn heartbeat_loop(
             let req = pb::HeartbeatRequest {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 uptime_seconds: started.elapsed().as_secs(),
-                cache_bytes: 0,
+                cache_bytes: u64::try_from(metrics.cache.bytes.get()).unwrap_or(0),
                 counters: counters(metrics),
                 applied_revision: durable.load(Ordering::Acquire),
             };

@@ -193,6 +193,7 @@ dir = "{root}"
         events: events.clone(),
         metrics: metrics.clone(),
         loaders: Default::default(),
+        cache: None,
     });
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();

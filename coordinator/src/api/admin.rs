@@ -1,5 +1,6 @@
 //! AdminService: operators' reads and writes, cluster membership.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pxemesh_proto::v1 as pb;
@@ -9,8 +10,10 @@ use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::convert::*;
+use crate::blobs::BlobStore;
 use crate::crypto::ClusterKey;
 use crate::error::{CoordError, StateError};
+use crate::metrics::Metrics;
 use crate::model::{Host, Kind, Record};
 use crate::node::{NodeHandle, NodeStatus};
 use crate::state::Command;
@@ -18,11 +21,23 @@ use crate::state::Command;
 pub struct AdminApi {
     node: NodeHandle,
     key: ClusterKey,
+    blobs: Arc<BlobStore>,
+    metrics: Arc<Metrics>,
 }
 
 impl AdminApi {
-    pub fn new(node: NodeHandle, key: ClusterKey) -> AdminApi {
-        AdminApi { node, key }
+    pub fn new(
+        node: NodeHandle,
+        key: ClusterKey,
+        blobs: Arc<BlobStore>,
+        metrics: Arc<Metrics>,
+    ) -> AdminApi {
+        AdminApi {
+            node,
+            key,
+            blobs,
+            metrics,
+        }
     }
 
     fn record_from_object(&self, obj: &pb::Object) -> Result<Record, CoordError> {
@@ -352,6 +367,7 @@ impl AdminService for AdminApi {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let obj = req.into_inner().object.unwrap_or_default();
         let rec = self.record_from_object(&obj)?;
+        super::images::check_manifests(&self.blobs, std::slice::from_ref(&rec)).await?;
         let out = self.node.propose(&Command::Put(vec![rec])).await?;
         let outcome = out
             .results
@@ -387,6 +403,7 @@ impl AdminService for AdminApi {
                     .map_err(|e| Status::invalid_argument(format!("object {}: {e}", i + 1)))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        super::images::check_manifests(&self.blobs, &records).await?;
         let cmd = Command::Put(records);
         let out = if r.dry_run {
             self.node.read_barrier().await?;
@@ -472,5 +489,23 @@ impl AdminService for AdminApi {
             outcome: outcome as i32,
             revision: out.revision,
         }))
+    }
+
+    async fn stat_blob(
+        &self,
+        req: Request<pb::StatBlobRequest>,
+    ) -> Result<Response<pb::StatBlobResponse>, Status> {
+        Ok(Response::new(
+            super::images::stat(&self.blobs, req.into_inner()).await?,
+        ))
+    }
+
+    async fn push_blob(
+        &self,
+        req: Request<tonic::Streaming<pb::BlobUpload>>,
+    ) -> Result<Response<pb::PushBlobResponse>, Status> {
+        Ok(Response::new(
+            super::images::push(&self.blobs, &self.metrics, req.into_inner()).await?,
+        ))
     }
 }

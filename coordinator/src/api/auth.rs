@@ -42,6 +42,8 @@ pub enum Need {
     AdminWrite,
     Relay,
     Coordinator,
+    /// A relay or a coordinator (image blob downloads).
+    BlobReader,
     /// Unknown method: refuse.
     Deny,
 }
@@ -60,6 +62,8 @@ pub fn need_for(path: &str) -> Need {
             "ListJobs" | "GetJob" | "WatchJobs" => Need::AdminRead,
             _ => Need::AdminWrite,
         },
+        // Relays fetch blobs, and so do peer coordinators replicating them.
+        "pxemesh.v1.RelayService" if method == "FetchBlob" => Need::BlobReader,
         "pxemesh.v1.RelayService" => Need::Relay,
         "pxemesh.v1.RaftService" => Need::Coordinator,
         _ => Need::Deny,
@@ -74,6 +78,10 @@ pub fn permits(need: Need, who: &Identity) -> bool {
             | (Need::AdminWrite, Role::Admin { .. })
             | (Need::Relay, Role::Relay { .. })
             | (Need::Coordinator, Role::Coordinator { .. })
+            | (
+                Need::BlobReader,
+                Role::Relay { .. } | Role::Coordinator { .. }
+            )
     )
 }
 
@@ -84,6 +92,7 @@ fn describe(need: Need) -> &'static str {
         Need::AdminWrite => "an admin certificate (viewers are read-only)",
         Need::Relay => "a relay certificate",
         Need::Coordinator => "a coordinator certificate",
+        Need::BlobReader => "a relay or coordinator certificate",
         Need::Deny => "a known method",
     }
 }
@@ -261,6 +270,17 @@ mod tests {
         assert!(permits(need_for("/pxemesh.v1.RaftService/Stream"), &coord));
         assert!(permits(need_for("/pxemesh.v1.RelayService/Watch"), &relay));
         assert!(!permits(need_for("/pxemesh.v1.RelayService/Watch"), &coord));
+        let fetch = need_for("/pxemesh.v1.RelayService/FetchBlob");
+        assert!(permits(fetch, &coord) && permits(fetch, &relay));
+        assert!(!permits(fetch, &admin) && !permits(fetch, &viewer));
+        assert!(!permits(
+            need_for("/pxemesh.v1.AdminService/PushBlob"),
+            &viewer
+        ));
+        assert!(permits(
+            need_for("/pxemesh.v1.AdminService/StatBlob"),
+            &admin
+        ));
         assert_eq!(need_for("/grpc.health.v1.Health/Check"), Need::Nobody);
         assert_eq!(need_for("/evil.Service/Do"), Need::Deny);
         assert!(!permits(Need::Deny, &admin));

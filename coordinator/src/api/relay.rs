@@ -24,13 +24,24 @@ use crate::state::{Change, ChangeOp, Command, State};
 
 pub struct RelayApi {
     node: NodeHandle,
+    blobs: std::sync::Arc<crate::blobs::BlobStore>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Opens BMC passwords for LeaseJobs (None: relays get no password).
     key: Option<crate::crypto::ClusterKey>,
 }
 
 impl RelayApi {
-    pub fn new(node: NodeHandle) -> RelayApi {
-        RelayApi { node, key: None }
+    pub fn new(
+        node: NodeHandle,
+        blobs: std::sync::Arc<crate::blobs::BlobStore>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> RelayApi {
+        RelayApi {
+            node,
+            blobs,
+            metrics,
+            key: None,
+        }
     }
 
     pub fn with_cluster_key(mut self, key: crate::crypto::ClusterKey) -> RelayApi {
@@ -47,15 +58,6 @@ pub fn rack_of<T>(req: &Request<T>) -> Result<(String, String), Status> {
             "RelayService is for relay certificates",
         )),
     }
-}
-
-fn not_yet<T>(req: &Request<T>, what: &str) -> Status {
-    let who = rack_of(req)
-        .map(|(r, n)| format!("relay {n} of rack {r}"))
-        .unwrap_or_default();
-    Status::unimplemented(format!(
-        "RelayService/{what} is not served by this coordinator version ({who})"
-    ))
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -402,7 +404,11 @@ impl RelayService for RelayApi {
         &self,
         req: Request<pb::FetchBlobRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        Err(not_yet(&req, "FetchBlob"))
+        // Relays and peer coordinators (the auth layer admits both).
+        let who = peer(&req)?.to_string();
+        let stream =
+            super::images::fetch(&self.blobs, &self.metrics, req.into_inner(), who).await?;
+        Ok(Response::new(stream))
     }
 }
 

@@ -14,12 +14,30 @@ pub fn to_status(e: CoordError) -> Status {
             StateError::InUse(m) => Status::failed_precondition(m),
         },
         CoordError::Invalid(m) => Status::invalid_argument(m),
+        CoordError::Blob(b) => blob_status(b),
         e @ (CoordError::NoLeader
         | CoordError::Timeout(_)
         | CoordError::Stopped
         | CoordError::Removed) => Status::unavailable(e.to_string()),
         e => {
             error!(error = %e, "internal error serving a request");
+            Status::internal(e.to_string())
+        }
+    }
+}
+
+fn blob_status(e: crate::blobs::BlobError) -> Status {
+    use crate::blobs::BlobError as B;
+    match e {
+        e @ B::BadDigest(_) => Status::invalid_argument(e.to_string()),
+        e @ (B::NotFound(_) | B::Corrupt { .. }) => Status::not_found(e.to_string()),
+        e @ (B::Mismatch { .. } | B::TooLong { .. } | B::SizeMismatch { .. }) => {
+            Status::data_loss(e.to_string())
+        }
+        e @ B::Busy(_) => Status::aborted(e.to_string()),
+        e @ B::Offset { .. } => Status::failed_precondition(e.to_string()),
+        e @ B::Io(_) => {
+            error!(error = %e, "blob store I/O error serving a request");
             Status::internal(e.to_string())
         }
     }

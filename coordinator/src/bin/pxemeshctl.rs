@@ -123,6 +123,28 @@ enum Cmd {
     /// Power and boot-device jobs.
     #[command(subcommand)]
     Job(jobs::JobCmd),
+    /// Boot images: content-addressed files replicated to every coordinator.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Upload a directory (or one file) and commit it as an image manifest.
+    Push {
+        /// Directory or file to push.
+        path: PathBuf,
+        /// Image name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Image manifests.
+    List,
+    /// Delete an image (its blobs go after the coordinators' grace period).
+    Delete {
+        /// Image name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1594,7 +1616,122 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Power(a) => jobs::power(&ctl, a).await,
         Cmd::Bootdev(a) => jobs::bootdev(&ctl, a).await,
         Cmd::Job(c) => jobs::job(&ctl, c).await,
+        Cmd::Image(cmd) => image(&ctl, cmd).await,
     }
+}
+
+async fn image(ctl: &Ctl, cmd: ImageCmd) -> Result<()> {
+    use pxemesh_coordinator::imagepush;
+    match cmd {
+        ImageCmd::Push { path, name } => {
+            // Blobs and manifest go to one coordinator: the first reachable.
+            let mut failures = Vec::new();
+            let mut chosen = None;
+            for endpoint in &ctl.endpoints {
+                match tokio::time::timeout(ctl.timeout, client::channel(endpoint, ctl.tls.clone()))
+                    .await
+                {
+                    Ok(Ok(ch)) => {
+                        chosen = Some((endpoint.clone(), ch));
+                        break;
+                    }
+                    Ok(Err(e)) => failures.push(client::error_chain(&e)),
+                    Err(_) => failures.push(format!("{endpoint}: timed out")),
+                }
+            }
+            let Some((endpoint, ch)) = chosen else {
+                bail!("no coordinator reachable: {}", failures.join("; "));
+            };
+            let mut c = AdminServiceClient::new(ch);
+            let t = std::time::Instant::now();
+            let (resp, uploaded) = imagepush::push_image(&mut c, &path, &name)
+                .await
+                .map_err(|e| anyhow!("pushing {} to {endpoint}: {e}", path.display()))?;
+            let files = match resp.object.as_ref().and_then(|o| o.record.as_ref()) {
+                Some(Record::Image(m)) => m.files.len(),
+                _ => 0,
+            };
+            match ctl.output {
+                Output::Json => print_json(&json!({
+                    "kind": "image",
+                    "name": name,
+                    "outcome": outcome_word(resp.outcome),
+                    "files": files,
+                    "uploaded_bytes": uploaded,
+                    "revision": resp.revision,
+                }))?,
+                Output::Table => println!(
+                    "image {name} {} ({files} files, {uploaded} bytes uploaded in {:.1} s, revision {})",
+                    outcome_word(resp.outcome).replace('_', " "),
+                    t.elapsed().as_secs_f64(),
+                    resp.revision
+                ),
+            }
+        }
+        ImageCmd::List => {
+            let msg = ListRequest {
+                kind: Kind::Image as i32,
+                rack: String::new(),
+                consistency: 0,
+            };
+            let resp = ctl
+                .call(msg, |mut c, r| async move { c.list(r).await })
+                .await?;
+            let images: Vec<_> = resp
+                .objects
+                .iter()
+                .filter_map(|o| match &o.record {
+                    Some(Record::Image(m)) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            match ctl.output {
+                Output::Json => print_json(&json!(images
+                    .iter()
+                    .map(|m| json!({
+                        "name": m.name,
+                        "files": m.files.iter().map(|f| json!({
+                            "path": f.path, "digest": f.digest, "size": f.size, "mode": f.mode,
+                        })).collect::<Vec<_>>(),
+                        "revision": m.revision,
+                    }))
+                    .collect::<Vec<_>>()))?,
+                Output::Table => {
+                    let mut t = new_table(&["NAME", "FILES", "BYTES", "REVISION"]);
+                    for m in images {
+                        t.add_row(vec![
+                            m.name.clone(),
+                            m.files.len().to_string(),
+                            m.files.iter().map(|f| f.size).sum::<u64>().to_string(),
+                            m.revision.to_string(),
+                        ]);
+                    }
+                    print_table(&mut t);
+                }
+            }
+        }
+        ImageCmd::Delete { name } => {
+            let msg = DeleteRequest {
+                kind: Kind::Image as i32,
+                name: name.clone(),
+            };
+            let resp = ctl
+                .call(msg, |mut c, r| async move { c.delete(r).await })
+                .await?;
+            let outcome = outcome_word(resp.outcome);
+            match ctl.output {
+                Output::Json => print_json(&json!({
+                    "kind": "image", "name": name, "outcome": outcome, "revision": resp.revision,
+                }))?,
+                Output::Table => println!(
+                    "image {name} {} (revision {})",
+                    outcome.replace('_', " "),
+                    resp.revision
+                ),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// "NotFound" → "not_found".

@@ -80,6 +80,8 @@ pub struct Cluster {
     pub snapshot_entries: u64,
     pub catchup_entries: u64,
     pub proposal_timeout_ms: u64,
+    /// Appended to every node's configuration (e.g. an `[images]` section).
+    pub extra_config: String,
 }
 
 pub fn coordinator_bin() -> &'static str {
@@ -100,6 +102,23 @@ impl Cluster {
         snapshot_entries: u64,
         catchup_entries: u64,
         proposal_timeout_ms: u64,
+    ) -> Cluster {
+        Cluster::with_extra(
+            n,
+            snapshot_entries,
+            catchup_entries,
+            proposal_timeout_ms,
+            "",
+        )
+    }
+
+    /// Like [`Cluster::with`], with `extra` appended to every configuration.
+    pub fn with_extra(
+        n: u64,
+        snapshot_entries: u64,
+        catchup_entries: u64,
+        proposal_timeout_ms: u64,
+        extra: &str,
     ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::new(tmp.path());
@@ -123,6 +142,7 @@ impl Cluster {
             snapshot_entries,
             catchup_entries,
             proposal_timeout_ms,
+            extra_config: extra.to_string(),
         };
         for id in 1..=n {
             c.define(id);
@@ -175,6 +195,7 @@ impl Cluster {
             self.catchup_entries,
             self.proposal_timeout_ms,
         );
+        cfg.push_str(&self.extra_config);
         for p in peers {
             cfg.push_str(&format!(
                 "\n[[peers]]\nid = {p}\naddress = \"{}\"\n",

@@ -43,6 +43,8 @@ pub struct TftpContext {
     pub metrics: Arc<crate::metrics::RelayMetrics>,
     /// Notified when a client finished fetching a boot loader (`boot.chainload_ipxe`).
     pub loaders: Arc<crate::boot::LoaderTracker>,
+    /// Image cache (sync mode): serves `images/<image>/<path>`.
+    pub cache: Option<Arc<crate::cache::BlobCache>>,
 }
 
 /// Transfer phases, as seen by the request dispatcher.
@@ -379,6 +381,23 @@ impl Server {
                     });
                 }
                 None => unknown_host = Some(r.mac()),
+            }
+        }
+        if let Some(cache) = &self.ctx.cache {
+            let found = crate::cache::resolve(&self.ctx.state.load(), &rel);
+            if let Some((digest, _)) = found {
+                return match cache.open_blob(&digest).await {
+                    Ok((file, size)) => Ok(Opened {
+                        source: Source::file(tokio::fs::File::from_std(file), netascii),
+                        tsize: (!netascii).then_some(size),
+                        mac: None,
+                        rel,
+                    }),
+                    Err(e) => {
+                        warn!(client = %peer, path = %rel, error = %e, "TFTP: image file unavailable");
+                        Err(Refusal::NotFound(format!("image file unavailable: {e}")))
+                    }
+                };
             }
         }
         // An unknown host's rendered name may still exist as a file on disk.
