@@ -13,6 +13,7 @@ pub mod error;
 pub mod imagepush;
 pub mod images;
 pub mod import;
+pub mod jobs;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -121,7 +121,7 @@ pub async fn run(
     let blobs = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
     let admin = AdminServiceServer::new(AdminApi::new(
         node.clone(),
-        key,
+        key.clone(),
         blobs.clone(),
         metrics.clone(),
     ));
@@ -136,11 +136,9 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
-        .add_service(RelayServiceServer::new(RelayApi::new(
-            node.clone(),
-            blobs.clone(),
-            metrics.clone(),
-        )))
+        .add_service(RelayServiceServer::new(
+            RelayApi::new(node.clone(), blobs.clone(), metrics.clone()).with_cluster_key(key),
+        ))
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let grpc = tokio::spawn(grpc);

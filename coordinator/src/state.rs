@@ -56,7 +56,7 @@ pub struct Change {
 }
 const PEER_PREFIX: &str = "s:peer:";
 
-fn rec_key(kind: Kind, name: &str) -> Vec<u8> {
+pub(crate) fn rec_key(kind: Kind, name: &str) -> Vec<u8> {
     format!("s:rec:{}:{}", kind.as_str(), name).into_bytes()
 }
 
@@ -92,6 +92,8 @@ pub enum Command {
         relay: String,
         events: Vec<EventIn>,
     },
+    /// Power and boot-device jobs (`jobs.rs`).
+    Jobs(crate::jobs::JobCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +186,10 @@ fn evt_ack_key(rack: &str, relay: &str) -> Vec<u8> {
     format!("s:evt:ack:{rack}/{relay}").into_bytes()
 }
 
+pub(crate) fn read_counter(v: Option<Vec<u8>>) -> Result<u64, CoordError> {
+    read_u64(v)
+}
+
 fn read_u64(v: Option<Vec<u8>>) -> Result<u64, CoordError> {
     match v {
         Some(v) => Ok(u64::from_be_bytes(
@@ -205,7 +211,7 @@ pub struct Pending {
     writes: Overlay,
 }
 
-struct Txn<'a> {
+pub(crate) struct Txn<'a> {
     tree: &'a sled::Tree,
     /// Earlier commands of the same batch, visible to this one.
     parent: Option<&'a Overlay>,
@@ -213,7 +219,7 @@ struct Txn<'a> {
 }
 
 impl<'a> Txn<'a> {
-    fn new(tree: &'a sled::Tree) -> Self {
+    pub(crate) fn new(tree: &'a sled::Tree) -> Self {
         Txn {
             tree,
             parent: None,
@@ -229,7 +235,7 @@ impl<'a> Txn<'a> {
         }
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CoordError> {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
@@ -239,15 +245,15 @@ impl<'a> Txn<'a> {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.writes.insert(key, Some(value));
     }
 
-    fn del(&mut self, key: Vec<u8>) {
+    pub(crate) fn del(&mut self, key: Vec<u8>) {
         self.writes.insert(key, None);
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, CoordError> {
+    pub(crate) fn scan(&self, prefix: &[u8]) -> Result<BTreeMap<Vec<u8>, Vec<u8>>, CoordError> {
         let mut out = BTreeMap::new();
         for kv in self.tree.scan_prefix(prefix) {
             let (k, v) = kv?;
@@ -267,7 +273,7 @@ impl<'a> Txn<'a> {
         Ok(out)
     }
 
-    fn record(&self, kind: Kind, name: &str) -> Result<Option<Record>, CoordError> {
+    pub(crate) fn record(&self, kind: Kind, name: &str) -> Result<Option<Record>, CoordError> {
         match self.get(&rec_key(kind, name))? {
             Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
             None => Ok(None),
@@ -281,7 +287,7 @@ impl<'a> Txn<'a> {
             .collect()
     }
 
-    fn put_record(&mut self, rec: &Record) -> Result<(), CoordError> {
+    pub(crate) fn put_record(&mut self, rec: &Record) -> Result<(), CoordError> {
         self.put(rec_key(rec.kind(), rec.name()), serde_json::to_vec(rec)?);
         Ok(())
     }
@@ -510,6 +516,10 @@ pub struct State {
 impl State {
     pub fn new(tree: sled::Tree) -> State {
         State { tree }
+    }
+
+    pub(crate) fn tree(&self) -> &sled::Tree {
+        &self.tree
     }
 
     pub fn revision(&self) -> Result<u64, CoordError> {
@@ -848,6 +858,12 @@ impl State {
                     txn.put(ack_key, acked.to_be_bytes().to_vec());
                     txn.put(EVT_NEXT.to_vec(), next_id.to_be_bytes().to_vec());
                     acked_sequence = acked;
+                }
+                Command::Jobs(jc) => {
+                    let eff = crate::jobs::execute(&mut txn, jc, next)?;
+                    results.extend(eff.results);
+                    changes.extend(eff.changes);
+                    stored.extend(eff.records);
                 }
             }
             Ok(())

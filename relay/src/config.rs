@@ -170,6 +170,9 @@ pub struct RelayConfig {
     pub http: HttpConfig,
     #[serde(default)]
     pub boot: BootConfig,
+    /// Power jobs (sync mode).
+    #[serde(default)]
+    pub ipmi: crate::ipmi::IpmiConfig,
     /// Image cache (sync mode).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,

@@ -12,6 +12,7 @@ pub mod events;
 pub mod files;
 pub mod http;
 pub mod http_fast;
+pub mod ipmi;
 pub mod metrics;
 pub mod net;
 pub mod server;

@@ -63,6 +63,8 @@ pub struct RelayMetrics {
     /// Sync mode: unacknowledged boot events dropped (journal full, or one
     /// event the coordinators refused as invalid).
     pub boot_events_dropped: Counter,
+    /// Power jobs (`ipmi::runner`).
+    pub ipmi: std::sync::Arc<crate::ipmi::IpmiMetrics>,
 }
 
 fn latency() -> Histogram {
@@ -94,7 +96,9 @@ impl RelayMetrics {
             boot_events_shipped: Counter::default(),
             boot_events_pending: Gauge::default(),
             boot_events_dropped: Counter::default(),
+            ipmi: Default::default(),
         };
+        m.ipmi.register(&mut r);
         r.register(
             "dhcp_messages",
             "DHCP messages by type and outcome",

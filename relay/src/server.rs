@@ -74,6 +74,9 @@ pub async fn run(
         }
     };
 
+    if let (Some(coordinators), true) = (&config.coordinators, config.ipmi.enabled) {
+        start_jobs(&config, coordinators, &db, &metrics, &tracker, &shutdown)?;
+    }
     // Sync mode: the image cache, fed from the same coordinators.
     let cache = match &config.coordinators {
         Some(c) => {
@@ -314,4 +317,45 @@ fn start_sync(
         let _ = reloader.await;
     });
     Ok(state)
+}
+
+/// Sync mode: lease and run the rack's power jobs (`ipmi::runner`).
+fn start_jobs(
+    config: &RelayConfig,
+    coordinators: &CoordinatorsConfig,
+    db: &sled::Db,
+    metrics: &Arc<RelayMetrics>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
+    use crate::ipmi::{runner, Ipmitool};
+    config.ipmi.validate().map_err(RelayError::Config)?;
+    let (tls, rack, name) = load_relay_identity(config, coordinators)?;
+    let reloader = tls.spawn_reloader(shutdown.child_token(), TLS_RELOAD_CHECK);
+    let mut backend = Ipmitool::new(
+        config.ipmi.ipmitool.clone(),
+        Duration::from_secs(config.ipmi.command_timeout_seconds),
+    );
+    backend.session_timeout_seconds = config.ipmi.session_timeout_seconds;
+    backend.metrics = Some(metrics.ipmi.clone());
+    let db = db.clone();
+    let rack2 = rack.clone();
+    let oob: runner::OobSource =
+        Arc::new(move || crate::store::persisted_rack(&db, &rack2).map(|r| r.oob_networks));
+    let ctx = runner::RunnerContext {
+        config: config.ipmi.clone(),
+        backend: Arc::new(backend),
+        endpoints: coordinators.endpoints.clone(),
+        tls,
+        rack,
+        relay: name,
+        oob,
+        metrics: metrics.ipmi.clone(),
+    };
+    let sd = shutdown.clone();
+    tracker.spawn(async move {
+        runner::run(ctx, sd).await;
+        let _ = reloader.await;
+    });
+    Ok(())
 }

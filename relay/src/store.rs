@@ -398,6 +398,21 @@ impl RackStore {
     }
 }
 
+/// The rack's own record as last committed to the tree, read straight from
+/// sled (for readers outside the sync loop: the power-job executor checks
+/// BMC addresses against its OOB networks). None until a snapshot arrived.
+pub fn persisted_rack(db: &sled::Db, rack: &str) -> Option<Rack> {
+    let tree = db.open_tree(TREE).ok()?;
+    if tree.get(RACK_KEY).ok()??.as_ref() != rack.as_bytes() {
+        return None;
+    }
+    let v = tree.get(sled_key(&(Kind::Rack, rack.to_string()))).ok()??;
+    match serde_json::from_slice::<Record>(&v).ok()? {
+        Record::Rack(r) => Some(r),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

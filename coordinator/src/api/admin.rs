@@ -136,6 +136,53 @@ type EventStream =
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     type WatchEventsStream = EventStream;
+    type WatchJobsStream = super::jobs::JobStream;
+
+    async fn submit_jobs(
+        &self,
+        req: Request<pb::SubmitJobsRequest>,
+    ) -> Result<Response<pb::SubmitJobsResponse>, Status> {
+        Ok(Response::new(
+            super::jobs::submit(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(
+            super::jobs::list(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobResponse>, Status> {
+        Ok(Response::new(
+            super::jobs::get(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::JobResponse>, Status> {
+        Ok(Response::new(
+            super::jobs::cancel(&self.node, req.into_inner()).await?,
+        ))
+    }
+
+    async fn watch_jobs(
+        &self,
+        req: Request<pb::WatchJobsRequest>,
+    ) -> Result<Response<Self::WatchJobsStream>, Status> {
+        Ok(Response::new(super::jobs::watch(
+            &self.node,
+            req.into_inner(),
+        )?))
+    }
 
     async fn list_events(
         &self,

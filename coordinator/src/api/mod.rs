@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod convert;
 pub mod images;
+pub mod jobs;
 pub mod raft;
 pub mod relay;
 pub mod status;

@@ -26,6 +26,8 @@ pub struct RelayApi {
     node: NodeHandle,
     blobs: std::sync::Arc<crate::blobs::BlobStore>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Opens BMC passwords for LeaseJobs (None: relays get no password).
+    key: Option<crate::crypto::ClusterKey>,
 }
 
 impl RelayApi {
@@ -38,7 +40,13 @@ impl RelayApi {
             node,
             blobs,
             metrics,
+            key: None,
         }
+    }
+
+    pub fn with_cluster_key(mut self, key: crate::crypto::ClusterKey) -> RelayApi {
+        self.key = Some(key);
+        self
     }
 }
 
@@ -50,15 +58,6 @@ pub fn rack_of<T>(req: &Request<T>) -> Result<(String, String), Status> {
             "RelayService is for relay certificates",
         )),
     }
-}
-
-fn not_yet<T>(req: &Request<T>, what: &str) -> Status {
-    let who = rack_of(req)
-        .map(|(r, n)| format!("relay {n} of rack {r}"))
-        .unwrap_or_default();
-    Status::unimplemented(format!(
-        "RelayService/{what} is not served by this coordinator version ({who})"
-    ))
 }
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -325,13 +324,18 @@ impl RelayService for RelayApi {
         &self,
         req: Request<pb::LeaseJobsRequest>,
     ) -> Result<Response<pb::LeaseJobsResponse>, Status> {
-        Err(not_yet(&req, "LeaseJobs"))
+        let (rack, relay) = rack_of(&req)?;
+        let r = req.into_inner();
+        let out = super::jobs::lease(&self.node, self.key.as_ref(), &rack, &relay, r).await?;
+        Ok(Response::new(out))
     }
     async fn report_job(
         &self,
         req: Request<pb::ReportJobRequest>,
     ) -> Result<Response<pb::ReportJobResponse>, Status> {
-        Err(not_yet(&req, "ReportJob"))
+        let (rack, relay) = rack_of(&req)?;
+        let out = super::jobs::report(&self.node, &rack, &relay, req.into_inner()).await?;
+        Ok(Response::new(out))
     }
     /// Exactly-once from the operator's view: the relay resends until acked;
     /// the state machine drops sequences at or below the relay's high-water mark.

@@ -3,6 +3,9 @@
 //! Thin by design: argument parsing, one or a few RPCs, rendering. Tables for
 //! people (`-o table`, the default), stable JSON for scripts (`-o json`).
 
+#[path = "pxemeshctl/jobs.rs"]
+mod jobs;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
@@ -113,6 +116,13 @@ enum Cmd {
     /// Boot events reported by the relays.
     #[command(subcommand)]
     Events(EventsCmd),
+    /// Power hosts on, off, cycle... through their rack's relay (IPMI).
+    Power(jobs::PowerArgs),
+    /// Set hosts' boot device through their rack's relay (IPMI).
+    Bootdev(jobs::BootdevArgs),
+    /// Power and boot-device jobs.
+    #[command(subcommand)]
+    Job(jobs::JobCmd),
     /// Boot images: content-addressed files replicated to every coordinator.
     #[command(subcommand)]
     Image(ImageCmd),
@@ -1603,6 +1613,9 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Events(EventsCmd::Watch { mac, after, count }) => {
             events_watch(&ctl, mac, after, count).await
         }
+        Cmd::Power(a) => jobs::power(&ctl, a).await,
+        Cmd::Bootdev(a) => jobs::bootdev(&ctl, a).await,
+        Cmd::Job(c) => jobs::job(&ctl, c).await,
         Cmd::Image(cmd) => image(&ctl, cmd).await,
     }
 }
