@@ -36,6 +36,34 @@ pub async fn flush_db(db: &sled::Db) -> Result<(), sled::Error> {
     .map_err(|e| sled::Error::Io(std::io::Error::other(e)))?
 }
 
+/// Open a sled database, waiting up to `within` for the file lock of an
+/// earlier handle in this process: sled releases it from a background thread
+/// after the last `Db` is dropped, so an immediate reopen (tests that
+/// simulate a restart) can fail with "could not acquire lock".
+pub fn open_retrying(
+    path: &std::path::Path,
+    within: std::time::Duration,
+) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match sled::open(path) {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Tests: open (or reopen, after a simulated restart) a database.
+#[cfg(test)]
+pub(crate) fn test_db(path: impl AsRef<std::path::Path>) -> sled::Db {
+    open_retrying(path.as_ref(), std::time::Duration::from_secs(10)).expect("open sled")
+}
+
 #[cfg(test)]
 mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

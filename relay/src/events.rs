@@ -325,13 +325,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(RelayMetrics::new());
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::durable::test_db(dir.path());
             let log = EventLog::open(&db, m.clone()).unwrap();
             log.record("52:54:00:00:00:01", EventKind::DhcpAck, "10.0.0.5");
             log.record("52:54:00:00:00:01", EventKind::HttpFile, "/boot/x.ipxe");
             db.flush().unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let log = EventLog::open(&db, m).unwrap();
         log.record("52:54:00:00:00:01", EventKind::ProvisionDone, "");
         let all = log.since(0, 10);
@@ -352,7 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(RelayMetrics::new());
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::durable::test_db(dir.path());
             let log = EventLog::open(&db, m.clone()).unwrap();
             log.start_shipping();
             for _ in 0..3 {
@@ -367,7 +367,7 @@ mod tests {
             log.flush().await.unwrap();
         }
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::durable::test_db(dir.path());
             let log = EventLog::open(&db, m.clone()).unwrap();
             assert_eq!(log.shipped(), 2);
             assert_eq!(seqs(&log.since(log.shipped(), 10)), vec![3]);
@@ -377,7 +377,7 @@ mod tests {
             // that were shipped): numbers continue above the mark.
             log.mark_shipped(40).await.unwrap();
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let log = EventLog::open(&db, m).unwrap();
         log.record("-", EventKind::TftpFile, "y");
         assert_eq!(log.last_sequence(), 41);
@@ -387,7 +387,7 @@ mod tests {
     async fn trimming_spares_unshipped_events_until_the_journal_is_full() {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(RelayMetrics::new());
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let log = EventLog::open(&db, m.clone()).unwrap().with_capacity(16);
         log.start_shipping();
         for _ in 0..16 {
@@ -417,7 +417,7 @@ mod tests {
     async fn renumbering_moves_pending_events_past_a_foreign_mark() {
         let dir = tempfile::tempdir().unwrap();
         let m = Arc::new(RelayMetrics::new());
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let log = EventLog::open(&db, m).unwrap();
         log.start_shipping();
         for k in [

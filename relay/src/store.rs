@@ -483,7 +483,7 @@ mod tests {
     async fn snapshot_events_reload_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = crate::durable::test_db(dir.path());
             let mut st = RackStore::open(&db, "r1").unwrap();
             let (s, rev) = st.load();
             assert_eq!((rev, s.hosts().len(), s.rack.as_str()), (0, 0, "r1"));
@@ -528,7 +528,7 @@ mod tests {
             assert_eq!(names(&built), vec!["h2", "h3", "h4", "h5"]);
             assert_eq!(built.revision, 20);
         }
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let mut st = RackStore::open(&db, "r1").unwrap();
         let (s, rev) = st.load();
         assert_eq!(rev, 20);
@@ -554,7 +554,7 @@ mod tests {
     #[tokio::test]
     async fn another_racks_copy_is_discarded() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let mut st = RackStore::open(&db, "r1").unwrap();
         st.snapshot(5, vec![network("n1", "r1", "10.0.0.0/24")]);
         st.commit().unwrap();
@@ -567,7 +567,7 @@ mod tests {
     #[tokio::test]
     async fn inconsistent_copy_serves_empty_and_resyncs() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let mut st = RackStore::open(&db, "r1").unwrap();
         // Overlapping networks: the coordinators accept it, RackState does not.
         st.snapshot(

@@ -1038,7 +1038,7 @@ mod tests {
     #[tokio::test]
     async fn apply_messages_and_publish() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let mut store = RackStore::open(&db, "r1").unwrap();
         let (s, _) = store.load();
         let state = crate::state::shared(s);
@@ -1140,7 +1140,7 @@ mod tests {
     #[tokio::test]
     async fn resume_point_waits_for_a_revision_to_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let mut store = RackStore::open(&db, "r1").unwrap();
         apply(&mut store, snapshot(10, &[net("n1", "r1", "10.0.0.0/24")])).unwrap();
         let relay_put = |revision| pb::WatchResponse {

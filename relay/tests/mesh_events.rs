@@ -219,7 +219,11 @@ async fn boot_events_reach_the_coordinators_once_across_outages_and_restarts() {
     assert_eq!(got[0].kind, "dhcp-offer");
     assert_eq!(got[1].kind, "dhcp-ack");
     let t = Instant::now();
-    while relay.log.shipped() < N as u64 {
+    // The shipped mark moves first, the counters just after it.
+    while relay.log.shipped() < N as u64
+        || relay.metrics.boot_events_shipped.get() < N as u64
+        || relay.metrics.boot_events_pending.get() != 0
+    {
         assert!(t.elapsed() < Duration::from_secs(5), "mark not moved");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

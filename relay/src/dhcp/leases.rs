@@ -468,7 +468,7 @@ mod tests {
     #[test]
     fn offer_commit_release_decline() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let l = Leases::open(&db).unwrap();
         let n = net(("10.20.0.200", "10.20.0.202"));
         let none = |_: Ipv4Addr| false;
@@ -528,7 +528,7 @@ mod tests {
     #[test]
     fn excluded_addresses_never_leave_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let l = Leases::open(&db).unwrap();
         let n = net(("10.20.0.200", "10.20.0.201"));
         let ex = |a: Ipv4Addr| a == ip("10.20.0.200");
@@ -558,7 +558,7 @@ mod index_tests {
     #[test]
     fn many_clients_get_distinct_addresses_and_the_indexes_stay_true() {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::open(dir.path()).unwrap();
+        let db = crate::durable::test_db(dir.path());
         let l = Leases::open(&db).unwrap();
         let n = Network {
             name: "big".into(),

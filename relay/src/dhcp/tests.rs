@@ -133,7 +133,7 @@ fn server_at(dir: &tempfile::TempDir, db_path: &std::path::Path) -> Server {
     std::fs::write(&rack, RACK).unwrap();
     let state = shared(RackState::from_static_file(&rack).unwrap());
     let config = Arc::new(RelayConfig::from_toml(CONFIG).unwrap());
-    let db = sled::open(db_path).unwrap();
+    let db = crate::durable::test_db(db_path);
     let metrics = Arc::new(RelayMetrics::new());
     let events = Arc::new(EventLog::open(&db, metrics.clone()).unwrap());
     let leases = Leases::open(&db).unwrap();
