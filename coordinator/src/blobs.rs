@@ -192,6 +192,78 @@ impl PartialWriter {
     }
 }
 
+/// A download whose digest is known only at the end (an image imported from
+/// a URL): bytes go to a private file in `tmp/`, hashed as they arrive, and
+/// become the blob named by their own digest. Dropped unfinished, the file is
+/// removed.
+pub struct ImportWriter {
+    file: Option<File>,
+    hasher: Sha256,
+    len: u64,
+    limit: u64,
+    path: PathBuf,
+}
+
+impl ImportWriter {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        let next = self.len + data.len() as u64;
+        if next > self.limit {
+            return Err(BlobError::Io(io::Error::other(format!(
+                "more than the import limit of {} bytes",
+                self.limit
+            ))));
+        }
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| io::Error::other("import writer already finished"))?;
+        f.write_all(data)?;
+        self.hasher.update(data);
+        self.len = next;
+        Ok(())
+    }
+
+    /// Store the content under its digest (already stored: the copy is
+    /// dropped). Returns the digest and the size.
+    pub fn finish(mut self, store: &BlobStore) -> Result<(Digest, u64), BlobError> {
+        let digest = Digest::from_hash(std::mem::take(&mut self.hasher));
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("import writer already finished"))?;
+        if store.contains(&digest) {
+            let _ = fs::remove_file(&self.path);
+            return Ok((digest, self.len));
+        }
+        let _guard = store.lock_writer(&digest)?;
+        file.sync_all()?;
+        let dst = store.blob_path(&digest);
+        fs::rename(&self.path, &dst)?;
+        if let Ok(d) = File::open(store.root.join("sha256")) {
+            let _ = d.sync_all();
+        }
+        let meta = fs::metadata(&dst)?;
+        store.remember(&digest, Stamp::of(&meta));
+        Ok((digest, self.len))
+    }
+}
+
+impl Drop for ImportWriter {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 fn hash_reader(r: &mut impl Read) -> io::Result<Digest> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -376,6 +448,28 @@ impl BlobStore {
             len,
             path,
             _guard: guard,
+        })
+    }
+
+    /// A writer for content of unknown digest, at most `limit` bytes.
+    pub fn import_writer(&self, limit: u64) -> Result<ImportWriter, BlobError> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("import-{}-{n}.partial", std::process::id()));
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok(ImportWriter {
+            file: Some(file),
+            hasher: Sha256::new(),
+            len: 0,
+            limit,
+            path,
         })
     }
 

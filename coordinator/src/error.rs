@@ -50,6 +50,9 @@ pub enum CoordError {
     Invalid(String),
     #[error("config: {0}")]
     Config(String),
+    /// A server we fetch from (an image URL) failed or refused.
+    #[error("upstream: {0}")]
+    Upstream(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
     #[error(transparent)]

@@ -231,3 +231,140 @@ async fn push_replicate_survive_scrub_resume_and_collect() {
         Some(4.0)
     );
 }
+
+/// An HTTP server of our own on 127.0.0.1:0, on its own thread and runtime
+/// (the test's `pxemeshctl` calls block), serving `files` at `/<name>`.
+fn http_server(files: BTreeMap<&'static str, Vec<u8>>) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let files = Arc::new(files);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new().route(
+                "/{name}",
+                axum::routing::get(
+                    move |axum::extract::Path(name): axum::extract::Path<String>| {
+                        let files = files.clone();
+                        async move {
+                            match files.get(name.as_str()) {
+                                Some(d) => (axum::http::StatusCode::OK, d.clone()),
+                                None => (axum::http::StatusCode::NOT_FOUND, b"no".to_vec()),
+                            }
+                        }
+                    },
+                ),
+            );
+            let l = tokio::net::TcpListener::from_std(listener).unwrap();
+            let _ = axum::serve(l, app).await;
+        });
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_from_urls_stores_verified_blobs_everywhere() {
+    let c = Cluster::with_extra(
+        3,
+        10_000,
+        1_000,
+        5_000,
+        "\n[images]\nsync_interval_ms = 200\n",
+    );
+    c.wait_leader(&[1, 2, 3], Duration::from_secs(15)).await;
+    let mut files = BTreeMap::new();
+    files.insert("vmlinuz", bytes(7, 3_000_000));
+    files.insert("initrd.img", bytes(8, 5_000_001));
+    let want: BTreeMap<&str, String> = files.iter().map(|(k, v)| (*k, sha(v))).collect();
+    let addr = http_server(files);
+
+    let out = c.ctl(&[
+        "image",
+        "import",
+        &format!("http://{addr}/vmlinuz"),
+        &format!("http://{addr}/initrd.img"),
+        "--name",
+        "cs-template-7",
+    ]);
+    assert!(
+        out.status.success(),
+        "import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("image cs-template-7 created (2 files, 8000001 bytes downloaded"),
+        "{text}"
+    );
+    let out = c.ctl(&["-o", "json", "image", "list"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let img = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "cs-template-7")
+        .expect("imported image listed");
+    for f in img["files"].as_array().unwrap() {
+        let path = f["path"].as_str().unwrap();
+        assert_eq!(f["digest"].as_str().unwrap(), want[path], "{path}");
+    }
+    // Replicated like a pushed image.
+    until(
+        "imported blobs on every coordinator",
+        Duration::from_secs(20),
+        || (1..=3).all(|id| want.values().all(|d| holds(&c, id, d))),
+    )
+    .await;
+
+    // Re-importing changes nothing.
+    let out = c.ctl(&[
+        "image",
+        "import",
+        &format!("http://{addr}/vmlinuz"),
+        &format!("http://{addr}/initrd.img"),
+        "--name",
+        "cs-template-7",
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("unchanged"));
+
+    // A missing file: a clear error, and no image committed.
+    let out = c.ctl(&[
+        "image",
+        "import",
+        &format!("http://{addr}/vmlinuz"),
+        &format!("http://{addr}/missing.img"),
+        "--name",
+        "broken",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("HTTP 404") && err.contains("missing.img"),
+        "{err}"
+    );
+    let out = c.ctl(&["-o", "json", "image", "list"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("\"broken\""));
+    // Refused before any download: not HTTP(S), or no usable file name.
+    for (url, why) in [
+        ("ftp://example.invalid/vmlinuz", "only http:// and https://"),
+        (&format!("http://{addr}/") as &str, "not a usable file path"),
+    ] {
+        let out = c.ctl(&["image", "import", url, "--name", "bad"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{url}: {err}");
+    }
+    // No download leftovers in any node's temporary area.
+    for id in 1..=3 {
+        let tmp = c.dir().join(format!("node{id}/data/blobs/tmp"));
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "node {id} tmp: {left:?}");
+    }
+}

@@ -508,4 +508,58 @@ impl AdminService for AdminApi {
             super::images::push(&self.blobs, &self.metrics, req.into_inner()).await?,
         ))
     }
+
+    async fn import_image(
+        &self,
+        req: Request<pb::ImportImageRequest>,
+    ) -> Result<Response<pb::ImportImageResponse>, Status> {
+        let req = req.into_inner();
+        let files = super::images::import_plan(&req)?;
+        let tls = crate::cloudstack::client::tls_config(None)
+            .map_err(|e| CoordError::Config(format!("TLS for image import: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|e| CoordError::Config(format!("HTTP client for image import: {e}")))?;
+        let mut image_files = Vec::with_capacity(files.len());
+        let mut downloaded = 0;
+        for (url, path, mode) in &files {
+            let (digest, size) = super::images::import_url(&http, &self.blobs, url).await?;
+            tracing::info!(image = %req.name, %url, path, %digest, size, "image file imported");
+            downloaded += size;
+            image_files.push(pb::ImageFile {
+                path: path.clone(),
+                digest: digest.to_string(),
+                size,
+                mode: *mode,
+            });
+        }
+        let manifest = pb::ImageManifest {
+            name: req.name.clone(),
+            files: image_files,
+            ..Default::default()
+        };
+        let rec = Record::Image(image_from_proto(&manifest)?);
+        super::images::check_manifests(&self.blobs, std::slice::from_ref(&rec)).await?;
+        let out = self.node.propose(&Command::Put(vec![rec])).await?;
+        let outcome = out
+            .results
+            .first()
+            .map(|r| outcome_to_proto(r.outcome))
+            .unwrap_or_default();
+        let image = match out.records.first().map(record_to_proto) {
+            Some(pb::Object {
+                record: Some(pb::object::Record::Image(i)),
+            }) => Some(i),
+            _ => Some(manifest),
+        };
+        Ok(Response::new(pb::ImportImageResponse {
+            image,
+            outcome: outcome as i32,
+            revision: out.revision,
+            bytes_downloaded: downloaded,
+        }))
+    }
 }

@@ -248,3 +248,146 @@ pub async fn check_manifests(store: &Arc<BlobStore>, records: &[Record]) -> Resu
     }
     Ok(())
 }
+
+/// Largest file `ImportImage` downloads (kernels, initrds, squashfs images).
+pub const MAX_IMPORT_BYTES: u64 = 16 << 30;
+/// A download that delivers no byte for this long is abandoned.
+const IMPORT_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The files of an `ImportImage` request, checked: URL scheme, and a safe
+/// relative path inside the image (defaulting to the URL's last segment).
+pub fn import_plan(
+    req: &pb::ImportImageRequest,
+) -> Result<Vec<(reqwest::Url, String, u32)>, CoordError> {
+    if req.files.is_empty() {
+        return Err(CoordError::invalid("import needs at least one URL"));
+    }
+    if req.files.len() > 64 {
+        return Err(CoordError::invalid("import takes at most 64 files"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(req.files.len());
+    for f in &req.files {
+        let url = reqwest::Url::parse(f.url.trim())
+            .map_err(|e| CoordError::invalid(format!("{:?} is not a URL: {e}", f.url)))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(CoordError::invalid(format!(
+                "{url}: only http:// and https:// URLs can be imported"
+            )));
+        }
+        let path = if f.path.is_empty() {
+            url.path_segments()
+                .and_then(|mut s| s.next_back())
+                .unwrap_or("")
+                .to_string()
+        } else {
+            f.path.clone()
+        };
+        let clean = path.trim_start_matches('/');
+        if clean.is_empty()
+            || clean
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            || clean.len() > 255
+        {
+            return Err(CoordError::invalid(format!(
+                "{url}: {path:?} is not a usable file path inside the image (give one with path)"
+            )));
+        }
+        if !seen.insert(clean.to_string()) {
+            return Err(CoordError::invalid(format!(
+                "two files would both be {clean:?}"
+            )));
+        }
+        let mode = if f.mode == 0 { 0o644 } else { f.mode & 0o7777 };
+        out.push((url, clean.to_string(), mode));
+    }
+    Ok(out)
+}
+
+/// Download `url` into the store; returns its digest and size.
+pub async fn import_url(
+    http: &reqwest::Client,
+    store: &Arc<BlobStore>,
+    url: &reqwest::Url,
+) -> Result<(Digest, u64), CoordError> {
+    let mut resp = http
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| CoordError::Upstream(format!("GET {url}: {}", without_url(&e))))?;
+    if !resp.status().is_success() {
+        return Err(CoordError::Upstream(format!(
+            "GET {url}: HTTP {}",
+            resp.status()
+        )));
+    }
+    if resp.content_length().is_some_and(|n| n > MAX_IMPORT_BYTES) {
+        return Err(CoordError::Upstream(format!(
+            "GET {url}: {} bytes is more than the import limit of {MAX_IMPORT_BYTES}",
+            resp.content_length().unwrap_or(0)
+        )));
+    }
+    // Disk writes happen on a blocking thread fed through a bounded channel:
+    // back-pressure instead of buffering a whole image in memory.
+    // `None` marks a complete download; a channel closed without it means
+    // the download failed, and the writer's file is dropped, not stored.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(16);
+    let s = store.clone();
+    let writer =
+        tokio::task::spawn_blocking(move || -> Result<Option<(Digest, u64)>, BlobError> {
+            let mut w = s.import_writer(MAX_IMPORT_BYTES)?;
+            while let Some(msg) = rx.blocking_recv() {
+                match msg {
+                    Some(chunk) => w.write(&chunk)?,
+                    None => return w.finish(&s).map(Some),
+                }
+            }
+            Ok(None)
+        });
+    let fed = async {
+        loop {
+            match tokio::time::timeout(IMPORT_IDLE, resp.chunk()).await {
+                Err(_) => {
+                    return Err(CoordError::Upstream(format!(
+                        "GET {url}: no data for {IMPORT_IDLE:?}"
+                    )))
+                }
+                Ok(Err(e)) => {
+                    return Err(CoordError::Upstream(format!(
+                        "GET {url}: {}",
+                        without_url(&e)
+                    )))
+                }
+                Ok(Ok(None)) => {
+                    let _ = tx.send(None).await;
+                    return Ok(());
+                }
+                Ok(Ok(Some(chunk))) => {
+                    if tx.send(Some(chunk)).await.is_err() {
+                        // The writer stopped (limit, disk): its error says why.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    drop(tx);
+    let written = writer
+        .await
+        .map_err(|e| CoordError::Io(std::io::Error::other(e)))?;
+    fed?;
+    written?.ok_or_else(|| CoordError::Upstream(format!("GET {url}: download incomplete")))
+}
+
+/// reqwest's message with its causes (which say why: refused, reset, TLS).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s = format!("{s}: {c}");
+        src = c.source();
+    }
+    s
+}

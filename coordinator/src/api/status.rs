@@ -14,6 +14,7 @@ pub fn to_status(e: CoordError) -> Status {
             StateError::InUse(m) => Status::failed_precondition(m),
         },
         CoordError::Invalid(m) => Status::invalid_argument(m),
+        CoordError::Upstream(m) => Status::failed_precondition(m),
         CoordError::Blob(b) => blob_status(b),
         e @ (CoordError::NoLeader
         | CoordError::Timeout(_)

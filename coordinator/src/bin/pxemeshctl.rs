@@ -138,6 +138,22 @@ enum ImageCmd {
         #[arg(long)]
         name: String,
     },
+    /// Have the coordinator download files over HTTP(S) into an image (each
+    /// file named by its URL's last segment, or by --path with one URL).
+    Import {
+        /// http:// or https:// URLs.
+        #[arg(required = true)]
+        urls: Vec<String>,
+        /// Image name.
+        #[arg(long)]
+        name: String,
+        /// Path inside the image (only with a single URL).
+        #[arg(long)]
+        path: Option<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        import_timeout: u64,
+    },
     /// Image manifests.
     List,
     /// Delete an image (its blobs go after the coordinators' grace period).
@@ -1664,6 +1680,79 @@ async fn image(ctl: &Ctl, cmd: ImageCmd) -> Result<()> {
                     "image {name} {} ({files} files, {uploaded} bytes uploaded in {:.1} s, revision {})",
                     outcome_word(resp.outcome).replace('_', " "),
                     t.elapsed().as_secs_f64(),
+                    resp.revision
+                ),
+            }
+        }
+        ImageCmd::Import {
+            urls,
+            name,
+            path,
+            import_timeout,
+        } => {
+            if path.is_some() && urls.len() != 1 {
+                bail!("--path names the file of a single URL; give one URL or leave --path out");
+            }
+            let files: Vec<_> = urls
+                .iter()
+                .map(|u| pxemesh_proto::v1::ImportFile {
+                    url: u.clone(),
+                    path: path.clone().unwrap_or_default(),
+                    mode: 0,
+                })
+                .collect();
+            let mut failures = Vec::new();
+            let mut answer = None;
+            for endpoint in &ctl.endpoints {
+                let ch = match tokio::time::timeout(
+                    ctl.timeout,
+                    client::channel(endpoint, ctl.tls.clone()),
+                )
+                .await
+                {
+                    Ok(Ok(ch)) => ch,
+                    Ok(Err(e)) => {
+                        failures.push(client::error_chain(&e));
+                        continue;
+                    }
+                    Err(_) => {
+                        failures.push(format!("{endpoint}: timed out"));
+                        continue;
+                    }
+                };
+                let mut req = tonic::Request::new(pxemesh_proto::v1::ImportImageRequest {
+                    name: name.clone(),
+                    files: files.clone(),
+                });
+                req.set_timeout(std::time::Duration::from_secs(import_timeout));
+                // The coordinator that downloads also commits: no retry on
+                // another endpoint once one answered (the error is final).
+                let r = AdminServiceClient::new(ch).import_image(req).await;
+                answer = Some(r.map_err(|s| {
+                    anyhow!("importing into {name} via {endpoint}: {}", s.message())
+                })?);
+                break;
+            }
+            let Some(resp) = answer else {
+                bail!("no coordinator reachable: {}", failures.join("; "));
+            };
+            let resp = resp.into_inner();
+            let n = resp.image.as_ref().map(|m| m.files.len()).unwrap_or(0);
+            match ctl.output {
+                Output::Json => print_json(&json!({
+                    "kind": "image",
+                    "name": name,
+                    "outcome": outcome_word(resp.outcome),
+                    "files": resp.image.as_ref().map(|m| m.files.iter().map(|f| json!({
+                        "path": f.path, "digest": f.digest, "size": f.size,
+                    })).collect::<Vec<_>>()),
+                    "downloaded_bytes": resp.bytes_downloaded,
+                    "revision": resp.revision,
+                }))?,
+                Output::Table => println!(
+                    "image {name} {} ({n} files, {} bytes downloaded by the coordinator, revision {})",
+                    outcome_word(resp.outcome).replace('_', " "),
+                    resp.bytes_downloaded,
                     resp.revision
                 ),
             }
