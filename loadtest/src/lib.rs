@@ -6,6 +6,7 @@
 //!   HTTP boot against a relay (and, with a baseline, against dnsmasq).
 
 pub mod etcd;
+pub mod ipmi;
 pub mod propagation;
 pub mod scale;
 pub mod storm;

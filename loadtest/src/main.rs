@@ -39,8 +39,38 @@ enum Cmd {
     Tftp(cli_storm::TftpArgs),
     /// Concurrent HTTP downloads of one URL.
     Http(cli_storm::HttpArgs),
-    /// IPMI load (not yet: part of the IPMI work).
-    Ipmi,
+    /// Power-job storm: one job per selected host through the coordinators,
+    /// timed from submit to finished.
+    Ipmi(IpmiArgs),
+}
+
+#[derive(Args)]
+struct IpmiArgs {
+    /// Coordinator gRPC endpoints (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    endpoints: Vec<String>,
+    /// Directory holding ca.pem and the admin certificate and key.
+    #[arg(long, default_value = ".")]
+    tls_dir: PathBuf,
+    #[arg(long, default_value = "admin")]
+    cert_stem: String,
+    /// power-on, power-off, power-cycle, power-reset, power-soft,
+    /// power-status, bootdev-pxe or bootdev-disk.
+    #[arg(long, default_value = "power-on")]
+    action: String,
+    /// Every host of this rack.
+    #[arg(long, default_value = "")]
+    rack: String,
+    /// Only hosts with this label (key=value; repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Host names (in addition to --rack / --label).
+    hosts: Vec<String>,
+    /// Seconds to wait for every job.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 #[derive(Args)]
@@ -213,7 +243,37 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Dhcp(a) => cli_storm::dhcp_driver(a).await,
         Cmd::Tftp(a) => cli_storm::tftp_driver(a).await,
         Cmd::Http(a) => cli_storm::http_driver(a).await,
-        Cmd::Ipmi => bail!("the ipmi driver is not implemented yet (it comes with the IPMI work)"),
+        Cmd::Ipmi(a) => {
+            let mut labels = std::collections::BTreeMap::new();
+            for l in &a.labels {
+                let Some((k, v)) = l.split_once('=') else {
+                    bail!("--label {l:?}: expected key=value");
+                };
+                labels.insert(k.to_string(), v.to_string());
+            }
+            let cfg = pxemesh_loadtest::ipmi::IpmiConfig {
+                endpoints: a.endpoints,
+                tls: TlsPaths::in_dir(&a.tls_dir, &a.cert_stem),
+                action: a.action,
+                rack: a.rack,
+                labels,
+                hosts: a.hosts,
+                timeout: Duration::from_secs(a.timeout),
+            };
+            let report = pxemesh_loadtest::ipmi::ipmi(&cfg).await?;
+            match a.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                Output::Table => print!("{}", report.to_text()),
+            }
+            if !report.all_succeeded() {
+                bail!(
+                    "{} of {} jobs did not succeed",
+                    report.jobs - report.succeeded,
+                    report.jobs
+                );
+            }
+            Ok(())
+        }
         Cmd::Propagation(a) => {
             let cfg = pxemesh_loadtest::propagation::PropagationConfig {
                 endpoints: a.endpoints,

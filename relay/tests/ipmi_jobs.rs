@@ -71,7 +71,10 @@ fn workspace_bins() -> (PathBuf, PathBuf) {
         .to_path_buf();
     let coord = dir.join("pxemesh-coordinator");
     let ctl = dir.join("pxemeshctl");
-    if !(coord.is_file() && ctl.is_file()) || std::env::var_os("PXM_MESH_NO_BUILD").is_none() {
+    let loadtest = dir.join("pxemesh-loadtest");
+    if !(coord.is_file() && ctl.is_file() && loadtest.is_file())
+        || std::env::var_os("PXM_MESH_NO_BUILD").is_none()
+    {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut c = Command::new(cargo);
@@ -94,7 +97,14 @@ fn workspace_bins() -> (PathBuf, PathBuf) {
             }
         }
         let st = c
-            .args(["build", "-p", "pxemesh-coordinator", "--bins"])
+            .args([
+                "build",
+                "-p",
+                "pxemesh-coordinator",
+                "-p",
+                "pxemesh-loadtest",
+                "--bins",
+            ])
             .current_dir(&root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -732,6 +742,36 @@ fn power_jobs_against_ipmi_sim() {
     let a = lab.ctl_ok(&["power", "status", "h2", "--idempotency-key", "req-42"]);
     let b = lab.ctl_ok(&["power", "status", "h2", "--idempotency-key", "req-42"]);
     assert_eq!(a["jobs"][0]["id"], b["jobs"][0]["id"]);
+
+    // The load driver's power-job storm over the same BMCs.
+    let storm = Command::new(lab.ctl.with_file_name("pxemesh-loadtest"))
+        .args(["ipmi", "--endpoints", &lab.endpoints(), "--tls-dir"])
+        .arg(lab.dir.path())
+        .args([
+            "--cert-stem",
+            "admin",
+            "--rack",
+            "r1",
+            "--label",
+            "role=compute",
+        ])
+        .args(["--action", "power-status", "--timeout", "60", "-o", "json"])
+        .output()
+        .expect("pxemesh-loadtest");
+    let report: Value = serde_json::from_slice(&storm.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pxemesh-loadtest ipmi: {e}: {}{}",
+            String::from_utf8_lossy(&storm.stdout),
+            String::from_utf8_lossy(&storm.stderr)
+        )
+    });
+    assert!(storm.status.success(), "{report}");
+    assert_eq!(report["jobs"], 2, "{report}");
+    assert_eq!(report["succeeded"], 2, "{report}");
+    assert!(
+        report["latency_ms_max"].as_f64().unwrap_or(0.0) > 0.0,
+        "{report}"
+    );
 
     // --- wrong password: fails fast, not retried --------------------------------
     let retried = lab.metric("pxemesh_relay_ipmi_attempts_retried_total", &[]);
