@@ -51,7 +51,9 @@ struct Netns {
 
 impl Netns {
     fn new() -> Netns {
-        let name = format!("pxm-storm-{}", std::process::id());
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pxm-storm-{}-{n}", std::process::id());
         let ok = |args: &[&str]| {
             let st = Command::new("ip").args(args).status().expect("run ip");
             assert!(st.success(), "ip {args:?} failed");
@@ -91,6 +93,19 @@ impl Drop for Netns {
 
 #[test]
 fn baseline_dnsmasq_side_by_side() {
+    side_by_side("tftp");
+}
+
+/// The http profile's baseline adds nginx for the iPXE part.
+#[test]
+fn baseline_dnsmasq_and_nginx_side_by_side() {
+    if !have("nginx") && skip("nginx not installed (deploy/test-packages.txt: nginx)") {
+        return;
+    }
+    side_by_side("http");
+}
+
+fn side_by_side(profile: &str) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 && skip("not root: network namespaces") {
         return;
@@ -154,7 +169,7 @@ fn baseline_dnsmasq_side_by_side() {
             "storm",
             "--no-progress",
             "--profile",
-            "tftp",
+            profile,
             "--hosts",
             hosts,
         ])
@@ -195,8 +210,8 @@ fn baseline_dnsmasq_side_by_side() {
             "{}: {:#}",
             r["label"], r["failures_by_cause"]
         );
-        assert_eq!(r["profile"], "tftp");
-        // Loader, pxelinux config, kernel, initrd: four TFTP transfers each.
+        assert_eq!(r["profile"], profile);
+        // Loader, kernel and initrd (plus a config or script) for every host.
         assert!(r["bytes"].as_u64().unwrap() > 60 * (32 + 128 + 256) * 1024);
         assert!(r["time_to_last_host_s"].as_f64().unwrap() > 0.0);
     }
