@@ -26,6 +26,23 @@ pub struct AdminApi {
 }
 
 impl AdminApi {
+    /// Write one record through Raft (image manifests only when this node
+    /// holds their blobs): the answer of `Put`, shared by `ImportImage`.
+    async fn put_one(&self, rec: Record) -> Result<pb::PutResponse, CoordError> {
+        super::images::check_manifests(&self.blobs, std::slice::from_ref(&rec)).await?;
+        let out = self.node.propose(&Command::Put(vec![rec])).await?;
+        let outcome = out
+            .results
+            .first()
+            .map(|r| outcome_to_proto(r.outcome))
+            .unwrap_or_default();
+        Ok(pb::PutResponse {
+            object: out.records.first().map(record_to_proto),
+            outcome: outcome as i32,
+            revision: out.revision,
+        })
+    }
+
     pub fn new(
         node: NodeHandle,
         key: ClusterKey,
@@ -367,18 +384,7 @@ impl AdminService for AdminApi {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let obj = req.into_inner().object.unwrap_or_default();
         let rec = self.record_from_object(&obj)?;
-        super::images::check_manifests(&self.blobs, std::slice::from_ref(&rec)).await?;
-        let out = self.node.propose(&Command::Put(vec![rec])).await?;
-        let outcome = out
-            .results
-            .first()
-            .map(|r| outcome_to_proto(r.outcome))
-            .unwrap_or_default();
-        Ok(Response::new(pb::PutResponse {
-            object: out.records.first().map(record_to_proto),
-            outcome: outcome as i32,
-            revision: out.revision,
-        }))
+        Ok(Response::new(self.put_one(rec).await?))
     }
 
     async fn apply(
@@ -542,14 +548,8 @@ impl AdminService for AdminApi {
             ..Default::default()
         };
         let rec = Record::Image(image_from_proto(&manifest)?);
-        super::images::check_manifests(&self.blobs, std::slice::from_ref(&rec)).await?;
-        let out = self.node.propose(&Command::Put(vec![rec])).await?;
-        let outcome = out
-            .results
-            .first()
-            .map(|r| outcome_to_proto(r.outcome))
-            .unwrap_or_default();
-        let image = match out.records.first().map(record_to_proto) {
+        let put = self.put_one(rec).await?;
+        let image = match put.object {
             Some(pb::Object {
                 record: Some(pb::object::Record::Image(i)),
             }) => Some(i),
@@ -557,8 +557,8 @@ impl AdminService for AdminApi {
         };
         Ok(Response::new(pb::ImportImageResponse {
             image,
-            outcome: outcome as i32,
-            revision: out.revision,
+            outcome: put.outcome,
+            revision: put.revision,
             bytes_downloaded: downloaded,
         }))
     }
