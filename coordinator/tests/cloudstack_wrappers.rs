@@ -3,7 +3,11 @@
 //! `dnsmasq_edithosts.sh <mac> <ip> <name>` and `dhcpd_edithosts.py <mac>
 //! <ip> <name> <dns> <gateway> <next server>` must leave exactly the
 //! reservation CloudStack asked for, replacing earlier entries for the same
-//! MAC or IP, the way the original scripts rewrite their hosts files.
+//! MAC or IP, the way the original scripts rewrite their hosts files, and
+//! keeping what pxemesh knows beyond them (BMC, labels). The kickstart pair,
+//! `prepare_kickstart_kernel_initrd.py` and `prepare_kickstart_bootfile.py`,
+//! must turn a template's kernel and initrd into image `cs-<uuid>` once and
+//! give the host a kickstart profile over it.
 
 mod common;
 
@@ -128,6 +132,125 @@ async fn dhcp_edithosts_wrappers_make_the_reservation() {
         (h.mac.as_str(), h.ip.as_str()),
         ("52:54:00:cc:00:02", "10.10.0.51")
     );
+
+    // A host that already has a BMC and labels keeps them when CloudStack
+    // re-sends its DHCP entry (the password stays sealed where it was).
+    std::fs::write(c.dir().join("bmc-pw"), "s3cret-bmc\n").unwrap();
+    let out = c.ctl(&[
+        "host",
+        "put",
+        "i-2-19-VM",
+        "--mac",
+        "52:54:00:cc:00:02",
+        "--ip",
+        "10.10.0.51",
+        "--rack",
+        "r1",
+        "--network",
+        "n1",
+        "--label",
+        "pod=p1",
+        "--bmc-address",
+        "10.99.0.5",
+        "--bmc-user",
+        "ADMIN",
+        "--bmc-password-file",
+        c.dir().join("bmc-pw").to_str().unwrap(),
+        "--cipher-suite",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, out) = wrapper(
+        &c,
+        "dnsmasq_edithosts.sh",
+        &["52:54:00:cc:00:02", "10.10.0.51", "i-2-19-VM"],
+    );
+    assert!(ok, "{out}");
+    let h = host(&c, leader, "i-2-19-VM").await.unwrap();
+    let bmc = h.bmc.clone().expect("BMC kept");
+    assert_eq!((bmc.address.as_str(), bmc.cipher_suite), ("10.99.0.5", 3));
+    assert!(bmc.password_set, "BMC password kept");
+    assert_eq!(h.labels.get("pod").map(String::as_str), Some("p1"));
+
+    // Kickstart: the template's kernel and initrd become image cs-<uuid>
+    // (once), then the host's boot file becomes a kickstart profile.
+    let uuid = "5b6e2c1a-7f00-4c2e-9d11-0a1b2c3d4e5f";
+    let src = c.dir().join("nfs-export");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("vmlinuz"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(src.join("initrd.img"), vec![9u8; 700_000]).unwrap();
+    let dest = format!("/var/lib/tftpboot/{uuid}");
+    let kernel = src.join("vmlinuz").display().to_string();
+    let initrd = src.join("initrd.img").display().to_string();
+    for expect in ["pushed", "already present"] {
+        let (ok, out) = wrapper(
+            &c,
+            "prepare_kickstart_kernel_initrd.py",
+            &[&kernel, &initrd, &dest],
+        );
+        assert!(ok, "{out}");
+        assert!(out.contains(expect), "{out}");
+    }
+    let out = c.ctl(&["-o", "json", "image", "list"]);
+    let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let img = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == format!("cs-{uuid}"))
+        .expect("template image");
+    let mut paths: Vec<&str> = img["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    paths.sort();
+    assert_eq!(paths, ["initrd.img", "vmlinuz"]);
+
+    let (ok, out) = wrapper(
+        &c,
+        "prepare_kickstart_bootfile.py",
+        &[
+            "/var/lib/tftpboot",
+            "52:54:00:cc:00:02",
+            &format!("{uuid}/vmlinuz"),
+            &format!("{uuid}/initrd.img"),
+            "http://10.10.0.1/ks/centos7.cfg",
+            "52:54:00:cc:00:02",
+        ],
+    );
+    assert!(ok, "{out}");
+    let h = host(&c, leader, "i-2-19-VM").await.unwrap();
+    assert_eq!(h.profile, format!("cs-{uuid}"));
+    assert!(h.bmc.is_some_and(|b| b.password_set), "BMC kept");
+    let out = c.ctl(&["-o", "json", "profile", "get", &format!("cs-{uuid}")]);
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(p["kind"], "kickstart");
+    assert_eq!(p["image"], format!("cs-{uuid}"));
+    assert_eq!(p["kernel"], "vmlinuz");
+    assert_eq!(p["kickstart_url"], "http://10.10.0.1/ks/centos7.cfg");
+    assert_eq!(
+        p["cmdline"],
+        "ramdisk_size=66000 ksdevice=52:54:00:cc:00:02"
+    );
+    // A MAC pxemesh does not know: the DHCP entry must come first.
+    let (ok, out) = wrapper(
+        &c,
+        "prepare_kickstart_bootfile.py",
+        &[
+            "/var/lib/tftpboot",
+            "52:54:00:cc:00:99",
+            &format!("{uuid}/vmlinuz"),
+            &format!("{uuid}/initrd.img"),
+            "http://10.10.0.1/ks/centos7.cfg",
+        ],
+    );
+    assert!(!ok && out.contains("no host with MAC"), "{out}");
 
     // Bad input: a clear message, exit 1, nothing changed.
     for args in [

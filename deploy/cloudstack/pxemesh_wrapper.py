@@ -75,16 +75,55 @@ def norm_mac(mac):
     return m
 
 
+def put_host(h):
+    """Write host record `h` (the JSON shape pxemeshctl prints). What the
+    record already holds and the caller did not change is carried over:
+    profile, labels and the BMC (its password stays stored: pxemesh keeps
+    the sealed one when a write omits it)."""
+    args = ["host", "put", h["name"], "--mac", h["mac"], "--ip", h["ip"],
+            "--rack", h["rack"], "--network", h["network"]]
+    if h.get("hostname"):
+        args += ["--hostname", h["hostname"]]
+    if h.get("profile"):
+        args += ["--profile", h["profile"]]
+    for k, v in sorted((h.get("labels") or {}).items()):
+        args += ["--label", "%s=%s" % (k, v)]
+    b = h.get("bmc") or {}
+    if b.get("address"):
+        args += ["--bmc-address", b["address"]]
+        if b.get("port"):
+            args += ["--bmc-port", str(b["port"])]
+        if b.get("username"):
+            args += ["--bmc-user", b["username"]]
+        if b.get("cipher_suite"):
+            args += ["--cipher-suite", str(b["cipher_suite"])]
+    ctl(*args)
+
+
+def host_by_mac(mac):
+    mac = norm_mac(mac)
+    for h in hosts():
+        if h.get("mac", "").lower() == mac:
+            return h
+    return None
+
+
 def reserve(mac, ip, name):
     """What CloudStack's edithosts scripts do to their DHCP server: drop any
     earlier entry for this MAC, IP or name, then add mac -> ip, name."""
     mac = norm_mac(mac)
     rack, network = need("PXEMESH_RACK"), need("PXEMESH_NETWORK")
+    current = None
     for h in hosts():
+        if h.get("name") == name:
+            current = h
+            continue
         same = h.get("mac", "").lower() == mac or (
             h.get("ip") == ip and h.get("network") == network
         )
-        if same and h.get("name") != name:
+        if same:
             ctl("host", "delete", h["name"])
-    ctl("host", "put", name, "--mac", mac, "--ip", ip, "--rack", rack,
-        "--network", network, "--hostname", name)
+    h = dict(current or {})
+    h.update({"name": name, "mac": mac, "ip": ip, "rack": rack,
+              "network": network, "hostname": name})
+    put_host(h)
