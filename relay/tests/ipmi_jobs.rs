@@ -20,6 +20,9 @@
 //!
 //! Needs `ipmi_sim` (Debian `openipmi`) and `ipmitool`; skips LOUDLY without.
 
+#[path = "support/cargo_build.rs"]
+mod cargo_build;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -75,37 +78,7 @@ fn workspace_bins() -> (PathBuf, PathBuf) {
     if !(coord.is_file() && ctl.is_file() && loadtest.is_file())
         || std::env::var_os("PXM_MESH_NO_BUILD").is_none()
     {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = Command::new(cargo);
-        let keep = [
-            "CARGO_HOME",
-            "CARGO_TARGET_DIR",
-            "CARGO_BUILD_",
-            "CARGO_NET_",
-            "CARGO_HTTP_",
-            "CARGO_REGISTRIES_",
-            "CARGO_PROFILE_",
-            "CARGO_INCREMENTAL",
-            "CARGO_TERM_",
-        ];
-        for (k, _) in std::env::vars_os() {
-            let k = k.to_string_lossy().into_owned();
-            if (k.starts_with("CARGO_") && !keep.iter().any(|p| k.starts_with(p))) || k == "OUT_DIR"
-            {
-                c.env_remove(&k);
-            }
-        }
-        let st = c
-            .args([
-                "build",
-                "-p",
-                "pxemesh-coordinator",
-                "-p",
-                "pxemesh-loadtest",
-                "--bins",
-            ])
-            .current_dir(&root)
+        let st = cargo_build::cargo_build_bins(&["pxemesh-coordinator", "pxemesh-loadtest"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

@@ -33,6 +33,9 @@
 //!
 //! Needs root (skipped loudly otherwise), udhcpc and curl.
 
+#[path = "support/cargo_build.rs"]
+mod cargo_build;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -145,35 +148,12 @@ fn workspace_bins() -> (PathBuf, PathBuf) {
     if present && std::env::var_os("PXM_MESH_NO_BUILD").is_some() {
         return (coord, ctl);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let log = std::env::temp_dir().join(format!("pxm-mesh-build-{}.log", std::process::id()));
     let t = Instant::now();
     let f = fs::File::create(&log).expect("build log");
-    let mut c = Command::new(&cargo);
-    // Without the variables cargo set for this test binary (CARGO_PKG_*,
-    // CARGO_MANIFEST_DIR, CARGO_PRIMARY_PACKAGE, ...): inherited, they make
-    // the fingerprints differ and the two builds keep rebuilding each other.
-    let keep = [
-        "CARGO_HOME",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_",
-        "CARGO_NET_",
-        "CARGO_HTTP_",
-        "CARGO_REGISTRIES_",
-        "CARGO_PROFILE_",
-        "CARGO_INCREMENTAL",
-        "CARGO_TERM_",
-    ];
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if (k.starts_with("CARGO_") && !keep.iter().any(|p| k.starts_with(p))) || k == "OUT_DIR" {
-            c.env_remove(&k);
-        }
-    }
-    c.args(["build", "-p", "pxemesh-coordinator", "--bins"])
-        .current_dir(&root)
-        .stdin(Stdio::null())
+    let mut c = cargo_build::cargo_build_bins(&["pxemesh-coordinator"]);
+    let cargo = c.get_program().to_string_lossy().into_owned();
+    c.stdin(Stdio::null())
         .stdout(f.try_clone().expect("dup"))
         .stderr(f);
     die_with_parent(&mut c);
