@@ -7,7 +7,10 @@
 #    warning otherwise),
 # 2. checks formatting and lints (cargo fmt --check, clippy -D warnings),
 # 3. runs every unit and integration test of the workspace, including the
-#    tests that start real multi-process coordinator clusters on loopback.
+#    tests that start real multi-process coordinator clusters on loopback,
+# 4. fuzzes every parser of network and file input for a bounded time
+#    (fuzz/run.sh: libFuzzer on stable Rust, 60 s per target by default,
+#    FUZZ_SECONDS to change) and replays the corpus and regression inputs.
 #
 # Everything binds 127.0.0.1 only; every test bounds its own loops and cleans
 # up its processes and temp dirs.
@@ -54,3 +57,9 @@ log "cargo test --workspace"
 # Multi-process cluster tests are CPU-light but timing-sensitive; two test
 # binaries at a time keeps a 2-core machine responsive.
 cargo test --workspace --locked -- --test-threads=2
+
+log "fuzz: every target ${FUZZ_SECONDS:-60}s, then corpus + regression replay"
+# Stable Rust + libFuzzer (fuzz/run.sh, docs/fuzzing.md); its own target dir
+# (fuzz/target) and a temporary corpus copy, so nothing in the tree changes.
+# FUZZ_SECONDS=0 builds and replays only.
+bash fuzz/run.sh "${FUZZ_SECONDS:-60}"

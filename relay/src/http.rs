@@ -205,13 +205,13 @@ async fn provision_done(
 
 /// A parsed single `Range: bytes=` header against a body of `len` bytes.
 #[derive(Debug, PartialEq, Eq)]
-enum RangeReq {
+pub enum RangeReq {
     Full,
     Part(u64, u64),
     Unsatisfiable,
 }
 
-fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
+pub fn parse_range(h: Option<&HeaderValue>, len: u64) -> RangeReq {
     let Some(v) = h.and_then(|v| v.to_str().ok()) else {
         return RangeReq::Full;
     };
@@ -395,6 +395,37 @@ async fn open_boot_file(
     })
 }
 
+/// The status and byte span of a `GET|HEAD` of a file of `len` bytes whose
+/// ETag is `etag`: `If-None-Match` (304), `If-Range`, then a single `Range`
+/// (206 or 416; anything else serves the whole file). Returns (status, first
+/// byte, byte count); 304 and 416 carry no body (0, 0). Pure, so the fuzz
+/// target `http_path` drives it directly.
+pub fn range_decision(headers: &HeaderMap, etag: &str, len: u64) -> (StatusCode, u64, u64) {
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return (StatusCode::NOT_MODIFIED, 0, 0);
+    }
+    let if_range_ok = headers
+        .get(header::IF_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim() == etag);
+    let range = if if_range_ok {
+        parse_range(headers.get(header::RANGE), len)
+    } else {
+        RangeReq::Full
+    };
+    let (code, start, end) = match range {
+        RangeReq::Full => (StatusCode::OK, 0, len.saturating_sub(1)),
+        RangeReq::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
+        RangeReq::Unsatisfiable => return (StatusCode::RANGE_NOT_SATISFIABLE, 0, 0),
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    (code, start, count)
+}
+
 /// Resolve `GET|HEAD /files/<path>`: traversal checks, ETag, conditional and
 /// range requests, metrics and the boot event.
 pub(crate) async fn plan_file(
@@ -431,31 +462,9 @@ pub(crate) async fn plan_file(
     };
     let served = async {
         let (f, len, etag) = opened;
-        if headers
-            .get(header::IF_NONE_MATCH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-        {
-            return Ok::<_, std::io::Error>((StatusCode::NOT_MODIFIED, etag, 0, 0, None, len));
-        }
-        let if_range_ok = headers
-            .get(header::IF_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|v| v.trim() == etag);
-        let range = if if_range_ok {
-            parse_range(headers.get(header::RANGE), len)
-        } else {
-            RangeReq::Full
-        };
-        let (code, start, end) = match range {
-            RangeReq::Full => (StatusCode::OK, 0, len.saturating_sub(1)),
-            RangeReq::Part(s, e) => (StatusCode::PARTIAL_CONTENT, s, e),
-            RangeReq::Unsatisfiable => {
-                return Ok((StatusCode::RANGE_NOT_SATISFIABLE, etag, 0, 0, None, len))
-            }
-        };
-        let count = if len == 0 { 0 } else { end - start + 1 };
-        Ok((code, etag, start, count, Some(f), len))
+        let (code, start, count) = range_decision(headers, &etag, len);
+        let f = matches!(code, StatusCode::OK | StatusCode::PARTIAL_CONTENT).then_some(f);
+        Ok::<_, std::io::Error>((code, etag, start, count, f, len))
     }
     .await;
     let (code, etag, start, count, f, len) = match served {

@@ -82,22 +82,26 @@ pub async fn serve(
 }
 
 /// One parsed request head that the fast path can answer.
-struct FastRequest {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    keep_alive: bool,
-    head_len: usize,
+pub struct FastRequest {
+    pub method: Method,
+    /// After `/files/`.
+    pub path: String,
+    pub headers: HeaderMap,
+    pub keep_alive: bool,
+    pub head_len: usize,
 }
 
-enum Parsed {
+/// What [`parse`] made of the bytes read so far.
+pub enum Parsed {
     Fast(FastRequest),
     /// Anything else: hyper takes the connection.
     Other,
     Incomplete,
 }
 
-fn parse(buf: &[u8]) -> Parsed {
+/// Parse the bytes read so far of a connection (raw network input; public so
+/// the fuzz target `http_path` drives it directly).
+pub fn parse(buf: &[u8]) -> Parsed {
     let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut raw);
     let head_len = match req.parse(buf) {

@@ -133,12 +133,18 @@ impl RackState {
             msg,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let file: StaticFile = if path.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?
+        let json = path.extension().is_some_and(|e| e == "json");
+        RackState::from_static_text(&text, json).map_err(err)
+    }
+
+    /// The static-file format from its text (JSON or TOML), validated.
+    pub fn from_static_text(text: &str, json: bool) -> Result<RackState, String> {
+        let file: StaticFile = if json {
+            serde_json::from_str(text).map_err(|e| e.to_string())?
         } else {
-            toml::from_str(&text).map_err(|e| err(e.to_string()))?
+            toml::from_str(text).map_err(|e| e.to_string())?
         };
-        RackState::new(&file.rack, 0, file.networks, file.hosts, file.profiles).map_err(err)
+        RackState::new(&file.rack, 0, file.networks, file.hosts, file.profiles)
     }
 
     pub fn host_by_mac(&self, mac: &Mac) -> Option<&Host> {

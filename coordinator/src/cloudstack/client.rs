@@ -416,24 +416,9 @@ impl Client {
             p.push(("page".into(), page.to_string()));
             p.push(("pagesize".into(), page_size.to_string()));
             let answer = self.call(command, &p).await?;
-            let items = match answer.get(item_key) {
-                None | Some(Value::Null) => Vec::new(),
-                Some(Value::Array(a)) => a.clone(),
-                Some(other) => {
-                    return Err(CsError::Decode {
-                        command: command.into(),
-                        detail: format!("{item_key} is not an array but {}", kind_of(other)),
-                    })
-                }
-            };
+            let (items, count) = decode_page::<T>(command, &answer, item_key)?;
             let n = items.len();
-            for item in items {
-                out.push(serde_json::from_value(item).map_err(|e| CsError::Decode {
-                    command: command.into(),
-                    detail: format!("{item_key} item: {e}"),
-                })?);
-            }
-            let count = answer.get("count").and_then(Value::as_u64);
+            out.extend(items);
             tracing::debug!(command, page, items = n, count, "cloudstack list page");
             if n < page_size as usize || count.is_some_and(|c| out.len() as u64 >= c) {
                 return Ok(out);
@@ -542,6 +527,33 @@ fn kind_of(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
+}
+
+/// The items of one page of a list answer (`answer[item_key]`, absent or
+/// null = none) and its advertised `count`.
+pub fn decode_page<T: DeserializeOwned>(
+    command: &str,
+    answer: &Value,
+    item_key: &str,
+) -> Result<(Vec<T>, Option<u64>), CsError> {
+    let items = match answer.get(item_key) {
+        None | Some(Value::Null) => &[][..],
+        Some(Value::Array(a)) => a.as_slice(),
+        Some(other) => {
+            return Err(CsError::Decode {
+                command: command.into(),
+                detail: format!("{item_key} is not an array but {}", kind_of(other)),
+            })
+        }
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        out.push(T::deserialize(item).map_err(|e| CsError::Decode {
+            command: command.into(),
+            detail: format!("{item_key} item: {e}"),
+        })?);
+    }
+    Ok((out, answer.get("count").and_then(Value::as_u64)))
 }
 
 /// Unwraps `{"<command lower-cased>response": {...}}` and maps error objects
