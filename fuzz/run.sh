@@ -41,6 +41,7 @@ max_len() {
         cloudstack_json) echo 32768 ;;
         config_toml) echo 16384 ;;
         image_manifest) echo 8192 ;;
+        admin_object) echo 8192 ;;
         *) echo 4096 ;;
     esac
 }

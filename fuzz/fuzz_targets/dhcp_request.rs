@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
+use pxemesh_relay::boot::LoaderTracker;
 use pxemesh_relay::config::{Interface, RelayConfig};
 use pxemesh_relay::dhcp::{packet, DhcpContext, Leases, Server};
 use pxemesh_relay::events::EventLog;
@@ -42,13 +43,17 @@ fn world() -> &'static World {
         let metrics = Arc::new(RelayMetrics::new());
         let events = Arc::new(EventLog::open(&db, metrics.clone()).expect("events"));
         let leases = Leases::open(&db).expect("leases");
+        // n1 has just fetched our boot loader (chainloading): its iPXE gets
+        // the script; every other iPXE client is chainloaded first.
+        let loaders = Arc::new(LoaderTracker::default());
+        loaders.loaded(std::net::Ipv4Addr::new(10, 20, 0, 11));
         let server = Server::new(Arc::new(DhcpContext {
             config: Arc::new(config),
             state,
             leases,
             events,
             metrics,
-            loaders: Default::default(),
+            loaders,
         }));
         World { server, ifaces }
     })

@@ -281,6 +281,34 @@ def manifest_seeds():
     write(t, "bad-path", manifest("bad", [("../etc/passwd", b"x", 0o644)]))
 
 
+def s_(num, text):
+    return field(num, 2, text.encode())
+
+
+def labels(num, d):
+    return b"".join(field(num, 2, s_(1, k) + s_(2, v)) for k, v in sorted(d.items()))
+
+
+def admin_seeds():
+    t = "admin_object"
+    rack = s_(1, "r1") + s_(2, "rack one") + s_(3, "10.99.0.0/24") + labels(4, {"row": "a"})
+    write(t, "rack", field(1, 2, rack))
+    net = (s_(1, "prov") + s_(2, "r1") + s_(3, "10.20.0.0/24") + s_(4, "10.20.0.1") + s_(5, "10.20.0.1")
+           + s_(5, "2001:db8::53") + s_(6, "rack1.example") + field(7, 0, 9000) + field(8, 0, 1994)
+           + s_(9, "10.20.0.100") + s_(10, "10.20.0.150") + field(11, 0, 600) + s_(12, "eth0"))
+    write(t, "network", field(2, 2, net))
+    bmc = s_(1, "10.99.0.11") + field(2, 0, 623) + s_(3, "ADMIN") + s_(4, "secret") + field(6, 0, 17)
+    host = (s_(1, "n1") + s_(2, "52:54:00:12:34:01") + s_(3, "10.20.0.11") + s_(4, "n1.rack1.example")
+            + s_(5, "r1") + s_(6, "prov") + s_(7, "centos") + labels(8, {"role": "worker"}) + field(9, 2, bmc))
+    write(t, "host", field(3, 2, host))
+    write(t, "host-dashed-mac", field(3, 2, s_(1, "n2") + s_(2, "52-54-00-12-34-02") + s_(3, "10.20.0.12") + s_(5, "r1") + s_(6, "prov")))
+    prof = (s_(1, "centos") + s_(3, "kickstart") + s_(4, "centos7") + s_(5, "vmlinuz") + s_(6, "initrd.img")
+            + s_(7, "ip=dhcp") + s_(8, "http://10.20.0.2/ks.cfg"))
+    write(t, "profile", field(4, 2, prof))
+    write(t, "profile-ipxe", field(4, 2, s_(1, "custom") + s_(3, "ipxe") + s_(9, "#!ipxe\nchain http://${next-server}/x\n")))
+    write(t, "image", field(5, 2, manifest("centos7", [("vmlinuz", b"kernel", 0o644)])))
+
+
 def main():
     if len(sys.argv) == 3 and sys.argv[1] == "--recorded":
         print(f"{recorded_seeds(sys.argv[2])} recorded CloudStack answers")
@@ -291,6 +319,7 @@ def main():
     cloudstack_seeds()
     config_seeds()
     manifest_seeds()
+    admin_seeds()
     for target in sorted(os.listdir(CORPUS)):
         print(f"{target}: {len(os.listdir(os.path.join(CORPUS, target)))} seeds")
     return 0

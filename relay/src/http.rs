@@ -581,4 +581,48 @@ mod tests {
         assert_eq!(parse_range(Some(&h("items=0-1")), 100), RangeReq::Full);
         assert_eq!(parse_range(Some(&h("bytes=x-y")), 100), RangeReq::Full);
     }
+
+    #[test]
+    fn range_decision_conditionals_and_spans() {
+        let etag = "\"sha256:ab\"";
+        let hm = |pairs: &[(header::HeaderName, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(k.clone(), HeaderValue::from_str(v).unwrap());
+            }
+            m
+        };
+        assert_eq!(
+            range_decision(&hm(&[]), etag, 100),
+            (StatusCode::OK, 0, 100)
+        );
+        assert_eq!(range_decision(&hm(&[]), etag, 0), (StatusCode::OK, 0, 0));
+        let none_match = hm(&[(header::IF_NONE_MATCH, "\"x\", \"sha256:ab\"")]);
+        assert_eq!(
+            range_decision(&none_match, etag, 100),
+            (StatusCode::NOT_MODIFIED, 0, 0)
+        );
+        let range = hm(&[(header::RANGE, "bytes=10-19")]);
+        assert_eq!(
+            range_decision(&range, etag, 100),
+            (StatusCode::PARTIAL_CONTENT, 10, 10)
+        );
+        // If-Range with another validator: the whole file.
+        let stale = hm(&[
+            (header::RANGE, "bytes=10-19"),
+            (header::IF_RANGE, "\"old\""),
+        ]);
+        assert_eq!(range_decision(&stale, etag, 100), (StatusCode::OK, 0, 100));
+        let past = hm(&[(header::RANGE, "bytes=100-")]);
+        assert_eq!(
+            range_decision(&past, etag, 100),
+            (StatusCode::RANGE_NOT_SATISFIABLE, 0, 0)
+        );
+        // The largest file: the span never overflows.
+        let tail = hm(&[(header::RANGE, "bytes=-1")]);
+        assert_eq!(
+            range_decision(&tail, etag, u64::MAX),
+            (StatusCode::PARTIAL_CONTENT, u64::MAX - 1, 1)
+        );
+    }
 }

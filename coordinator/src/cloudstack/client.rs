@@ -679,6 +679,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn decode_page_reads_items_and_count() {
+        #[derive(serde::Deserialize, Debug, PartialEq)]
+        struct Z {
+            id: String,
+        }
+        let v: Value = serde_json::json!({"count": 2, "zone": [{"id": "a"}, {"id": "b"}]});
+        let (items, count) = decode_page::<Z>("listZones", &v, "zone").unwrap();
+        assert_eq!(items, vec![Z { id: "a".into() }, Z { id: "b".into() }]);
+        assert_eq!(count, Some(2));
+        let (items, count) =
+            decode_page::<Z>("listZones", &serde_json::json!({"zone": null}), "zone").unwrap();
+        assert!(items.is_empty() && count.is_none());
+        for bad in [
+            serde_json::json!({"zone": {"id": "a"}}),
+            serde_json::json!({"zone": [{"id": 7}]}),
+        ] {
+            assert!(matches!(
+                decode_page::<Z>("listZones", &bad, "zone"),
+                Err(CsError::Decode { .. })
+            ));
+        }
+    }
+
+    #[test]
     fn decode_unwraps_and_maps_errors() {
         let ok = br#"{"listzonesresponse":{"count":1,"zone":[{"id":"z1","name":"Z"}]}}"#;
         let v = decode_answer("listZones", 200, ok).unwrap();
