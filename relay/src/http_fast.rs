@@ -183,6 +183,9 @@ async fn connection(
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
+        // The whole head within IDLE, not each read: a client trickling a
+        // byte at a time must not hold the connection forever (slowloris).
+        let head_deadline = tokio::time::Instant::now() + IDLE;
         let req = loop {
             match parse(&buf) {
                 Parsed::Fast(r) => break Some(r),
@@ -192,7 +195,7 @@ async fn connection(
             }
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(IDLE, stream.read_buf(&mut buf)) => match r {
+                r = tokio::time::timeout_at(head_deadline, stream.read_buf(&mut buf)) => match r {
                     Ok(r) => r?,
                     Err(_) => return Ok(()),
                 },

@@ -1086,3 +1086,54 @@ fn relay_database_on_a_full_disk() {
     drop(lab);
     drop(mount);
 }
+
+/// A client trickling its request head a byte every few seconds is cut off
+/// once the head has taken 60 s (not kept while each byte arrives in time).
+#[test]
+fn slow_request_head_is_cut_off() {
+    if skip_unless(is_root(), "not root: network namespaces") {
+        return;
+    }
+    let lab = Lab::new("s");
+    lab.c
+        .ip(&["addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"]);
+    let (closed_after, sent) = in_netns(&lab.c.name, || {
+        let mut t = TcpStream::connect(format!("{SERVER}:8080")).unwrap();
+        t.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let start = Instant::now();
+        t.write_all(b"GET /files/big.bin HTTP/1.1\r\nX-Slow: ")
+            .unwrap();
+        let mut sent = 0;
+        let mut b = [0u8; 64];
+        loop {
+            assert!(
+                start.elapsed() < Duration::from_secs(80),
+                "still open after 80 s"
+            );
+            // The relay closed: EOF, a reset, or a failed write.
+            match t.read(&mut b) {
+                Ok(0) => return (start.elapsed(), sent),
+                Ok(_) => panic!("a reply to an incomplete head"),
+                Err(e)
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return (start.elapsed(), sent)
+                }
+                Err(_) => {}
+            }
+            if t.write_all(b"a").is_err() {
+                return (start.elapsed(), sent);
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    });
+    eprintln!("slow head: closed after {closed_after:?}, {sent} bytes trickled");
+    assert!(
+        closed_after >= Duration::from_secs(55) && closed_after < Duration::from_secs(70),
+        "closed after {closed_after:?}"
+    );
+}
