@@ -128,6 +128,8 @@ pub enum DropReason {
     BadOptionLength,
     /// giaddr set by a sender that cannot be a relay agent.
     SpoofedGiaddr,
+    /// A REQUEST for an address reserved to another MAC (answered by NAK).
+    ForeignReservation,
     RateLimitedMac,
     RateLimitedSource,
     RateLimitedRelayAgent,
@@ -145,6 +147,7 @@ impl DropReason {
             DropReason::BadCookie => "bad_cookie",
             DropReason::BadOptionLength => "bad_option_length",
             DropReason::SpoofedGiaddr => "spoofed_giaddr",
+            DropReason::ForeignReservation => "foreign_reservation",
             DropReason::RateLimitedMac => "rate_limited_mac",
             DropReason::RateLimitedSource => "rate_limited_source",
             DropReason::RateLimitedRelayAgent => "rate_limited_relay_agent",

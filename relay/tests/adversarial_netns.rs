@@ -467,6 +467,7 @@ fn dhcp_hostile_input_and_floods() {
     ] {
         assert_eq!(delta(reason), 5.0, "{reason}:\n{after}");
     }
+    assert_eq!(delta("foreign_reservation"), 2.0, "{after}");
     let mac_limited = delta("rate_limited_mac");
     let source_limited = delta("rate_limited_source");
     assert!(
