@@ -28,6 +28,7 @@ pub struct Metrics {
     pub snapshot_bytes: Gauge,
     pub compactions: Counter,
     pub log_syncs: Counter,
+    pub storage_failures: Counter,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
     pub images: crate::images::ImageMetrics,
@@ -51,6 +52,7 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             compactions: Counter::default(),
             log_syncs: Counter::default(),
+            storage_failures: Counter::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             images: Default::default(),
@@ -126,6 +128,11 @@ impl Metrics {
             "log_syncs",
             "Durable syncs of the raft log",
             m.log_syncs.clone(),
+        );
+        registry.register(
+            "storage_failures",
+            "Raft actor stops caused by a storage error (disk full, I/O error)",
+            m.storage_failures.clone(),
         );
         registry.register(
             "auth_denied",

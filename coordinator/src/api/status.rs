@@ -16,7 +16,10 @@ pub fn to_status(e: CoordError) -> Status {
         CoordError::Invalid(m) => Status::invalid_argument(m),
         CoordError::Upstream(m) => Status::failed_precondition(m),
         CoordError::Blob(b) => blob_status(b),
+        e @ CoordError::DiskFull(_) => Status::resource_exhausted(e.to_string()),
+        e @ CoordError::StorageFailed(_) => Status::unavailable(e.to_string()),
         e @ (CoordError::NoLeader
+        | CoordError::LeaderChanged
         | CoordError::Timeout(_)
         | CoordError::Stopped
         | CoordError::Removed) => Status::unavailable(e.to_string()),
