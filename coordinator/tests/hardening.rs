@@ -261,3 +261,226 @@ async fn secrets_reach_no_log_metric_argument_or_error() {
     );
     assert!(leaks.is_empty(), "secrets leaked: {leaks:?}");
 }
+
+const LIBFAKETIME: [&str; 2] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+];
+
+/// `YYYY-MM-DDTHH` of now + `offset`, as the tracing timestamps print it.
+fn hour_prefix(offset: time::Duration) -> String {
+    let t = time::OffsetDateTime::now_utc() + offset;
+    format!(
+        "{:04}-{:02}-{:02}T{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wall_clock_jumps_do_not_disturb_raft() {
+    let Some(lib) = LIBFAKETIME
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!(
+            "\n\n*** SKIPPED wall_clock_jumps_do_not_disturb_raft: libfaketime not installed (Debian package faketime, in deploy/test-packages.txt) ***\n"
+        );
+        return;
+    };
+    let mut cluster = Cluster::with(3, 10_000, 1_000, 3_000);
+    cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    // Every node under libfaketime: only the wall clock (CLOCK_REALTIME) is
+    // moved, as an NTP step or an operator's `date -s` would; the monotonic
+    // clock runs on.
+    let dir = cluster.dir().to_path_buf();
+    let clock = |id: u64| dir.join(format!("node{id}/faketime"));
+    for id in 1..=3 {
+        std::fs::write(clock(id), "+0\n").unwrap();
+        cluster.kill(id);
+        let file = clock(id).display().to_string();
+        cluster.spawn_env(
+            id,
+            &[
+                ("LD_PRELOAD", lib),
+                ("FAKETIME_TIMESTAMP_FILE", &file),
+                ("FAKETIME_NO_CACHE", "1"),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        );
+    }
+    let leader = cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(15))
+        .await;
+    seed(&mut cluster.client(leader)).await;
+    let term = cluster.status(leader).await.unwrap().term;
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    // The leader's wall clock jumps 3 hours ahead, one follower's 4 minutes
+    // back, the other's a day ahead. (Further back than the certificates'
+    // 5-minute backdating and mTLS itself refuses them as not yet valid:
+    // X.509 validity is wall-clock time; see docs.)
+    std::fs::write(clock(leader), "+3h\n").unwrap();
+    std::fs::write(clock(followers[0]), "-4m\n").unwrap();
+    std::fs::write(clock(followers[1]), "+1d\n").unwrap();
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    let mut i = 0u32;
+    while started.elapsed() < Duration::from_secs(6) && i < 2_000 {
+        let id = 1 + u64::from(i % 3);
+        let t = Instant::now();
+        put(&mut cluster.client(id), host(i))
+            .await
+            .expect("writes continue across wall-clock jumps");
+        worst = worst.max(t.elapsed());
+        i += 1;
+    }
+    let status = cluster.status(leader).await.unwrap();
+    // Proof the jump is real: a SIGHUP makes the leader log a line (TLS
+    // reload), stamped with its wall clock.
+    let ahead = hour_prefix(time::Duration::hours(3));
+    cluster.signal(leader, libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cluster.log_text(leader).contains(&ahead) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let jumped = cluster.log_text(leader).contains(&ahead);
+    eprintln!(
+        "clock jumps (+3h leader, -4m and +1d followers): {i} writes in {:?}, worst {worst:?}; leader {} term {} -> leader {} term {}; jump visible in the leader's log: {jumped}",
+        started.elapsed(),
+        leader,
+        term,
+        status.leader_id,
+        status.term
+    );
+    assert!(
+        jumped,
+        "the faked wall clock did not take effect (no {ahead} in the log)"
+    );
+    assert_eq!(
+        status.leader_id, leader,
+        "leadership moved after a wall-clock jump"
+    );
+    assert_eq!(status.term, term, "an election ran after a wall-clock jump");
+    assert!(worst < Duration::from_secs(2), "a write stalled {worst:?}");
+    let names = host_names(
+        &mut cluster.client(followers[1]),
+        pb::Consistency::Linearizable,
+    )
+    .await
+    .unwrap();
+    assert_eq!(names.len(), i as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_watchers_do_not_make_the_coordinator_buffer() {
+    use pxemesh_proto::v1::relay_service_client::RelayServiceClient;
+    let cluster = Cluster::new(1);
+    cluster.wait_leader(&[1], Duration::from_secs(20)).await;
+    let admin = cluster.client(1);
+    seed(&mut admin.clone()).await;
+    let relay = cluster.pki.tls(
+        pxemesh_certs::Role::Relay {
+            rack: "r1".into(),
+            name: "slow".into(),
+        },
+        "relay-r1-slow",
+    );
+    // 8 KiB per event: unbounded buffering would hold WRITES x 8 KiB per watcher.
+    const WRITES: usize = 2_000;
+    let pad = "x".repeat(8 * 1024);
+    let write_all = |base: usize| {
+        let mut admin = admin.clone();
+        let pad = pad.clone();
+        async move {
+            let started = Instant::now();
+            for i in base..base + WRITES {
+                let obj = pb::Object {
+                    record: Some(pb::object::Record::Rack(pb::Rack {
+                        name: "r1".into(),
+                        description: format!("{i} {pad}"),
+                        ..Default::default()
+                    })),
+                };
+                put(&mut admin, obj)
+                    .await
+                    .expect("writes are not held up by slow watchers");
+            }
+            started.elapsed()
+        }
+    };
+    // Baseline: the same writes with nobody watching (the state machine and
+    // its change history grow with them).
+    let rss_start = rss_kib(cluster.pid(1));
+    let took_alone = write_all(0).await;
+    let baseline = rss_kib(cluster.pid(1)).saturating_sub(rss_start);
+    // Ten relays watch the rack on their own connections and then stop
+    // reading: HTTP/2 flow control pushes back, each watch's bounded queue
+    // fills, and its producer waits.
+    const WATCHERS: usize = 10;
+    let mut streams = Vec::new();
+    for _ in 0..WATCHERS {
+        let ch =
+            pxemesh_coordinator::client::channel_lazy(&cluster.addr(1), relay.clone()).unwrap();
+        let mut s = RelayServiceClient::new(ch)
+            .watch(pb::WatchRequest {
+                from_revision: 0,
+                rack: String::new(),
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(5), s.message()).await;
+        assert!(matches!(first, Ok(Ok(Some(_)))), "snapshot: {first:?}");
+        streams.push(s);
+    }
+    let rss_before = rss_kib(cluster.pid(1));
+    let took = write_all(WRITES).await;
+    let rss_after = rss_kib(cluster.pid(1));
+    let unbounded_kib = (WATCHERS * WRITES * 8) as u64;
+    let growth = rss_after.saturating_sub(rss_before);
+    let attributable = growth.saturating_sub(baseline);
+    eprintln!(
+        "slow watchers: {WRITES} writes of 8 KiB alone in {took_alone:?} (+{baseline} KiB RSS), then with {WATCHERS} stalled watches in {took:?} (+{growth} KiB RSS): {attributable} KiB attributable to the watchers; unbounded buffering would need ~{unbounded_kib} KiB"
+    );
+    assert!(
+        attributable < unbounded_kib / 2,
+        "coordinator grew {attributable} KiB more with stalled watchers"
+    );
+    // A stalled watcher that resumes reading still gets every change, in order.
+    let s = &mut streams[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last_seen = None;
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
+            Ok(Ok(Some(m))) => {
+                if let Some(pb::watch_response::Message::Event(ev)) = m.message {
+                    if let Some(pb::object::Record::Rack(r)) = ev.object.and_then(|o| o.record) {
+                        let n: usize = r
+                            .description
+                            .split(' ')
+                            .next()
+                            .and_then(|n| n.parse().ok())
+                            .unwrap_or(usize::MAX);
+                        if let Some(prev) = last_seen {
+                            assert!(n > prev, "out of order: {n} after {prev}");
+                        }
+                        last_seen = Some(n);
+                        if n == 2 * WRITES - 1 {
+                            break;
+                        }
+                    }
+                }
+            }
+            other => panic!("watch ended early: {other:?}"),
+        }
+    }
+    assert_eq!(
+        last_seen,
+        Some(2 * WRITES - 1),
+        "resumed watcher did not catch up"
+    );
+}
