@@ -484,3 +484,56 @@ async fn slow_watchers_do_not_make_the_coordinator_buffer() {
         "resumed watcher did not catch up"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_with_a_slow_disk_does_not_slow_the_majority() {
+    let mut cluster = Cluster::with(3, 10_000, 1_000, 3_000);
+    let leader = cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    seed(&mut cluster.client(leader)).await;
+    // Every log append on this follower now takes 300 ms more (a failing
+    // disk): its Raft actor stalls on each one.
+    let slow = (1..=3).find(|id| *id != leader).unwrap();
+    cluster.kill(slow);
+    cluster.spawn_env(
+        slow,
+        &[("PXEMESH_FAILPOINTS", "after_log_append=sleep(300)")],
+    );
+    let leader = cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    let mut c = cluster.client(leader);
+    let started = Instant::now();
+    let mut worst = Duration::ZERO;
+    const WRITES: u32 = 200;
+    for i in 0..WRITES {
+        let t = Instant::now();
+        put(&mut c, host(i)).await.expect("majority write");
+        worst = worst.max(t.elapsed());
+    }
+    let took = started.elapsed();
+    let stalls = cluster
+        .log_text(slow)
+        .matches("FAILPOINT after_log_append")
+        .count();
+    eprintln!(
+        "slow follower disk (+300 ms per append on node {slow}): {WRITES} writes through leader {leader} in {took:?}, worst {worst:?}; the follower stalled {stalls} times"
+    );
+    assert!(stalls > 0, "the slow-disk failpoint never fired");
+    assert!(
+        worst < Duration::from_secs(1),
+        "a slow follower slowed a write to {worst:?}"
+    );
+    // It still converges.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(n) = host_names(&mut cluster.client(slow), pb::Consistency::Serializable).await {
+            if n.len() == WRITES as usize {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "slow follower never caught up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
