@@ -6,6 +6,7 @@
 pub mod api;
 pub mod blobs;
 pub mod client;
+pub mod clock;
 pub mod cloudstack;
 pub mod config;
 pub mod crypto;

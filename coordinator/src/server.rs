@@ -48,6 +48,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CoordError> {
     config.validate()?;
+    crate::clock::init();
     crate::failpoint::init_from_env()
         .map_err(|e| CoordError::Config(format!("failpoints: {e}")))?;
     // Our own token below the caller's: the Raft actor cancels it when it

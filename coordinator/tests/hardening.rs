@@ -279,27 +279,27 @@ fn hour_prefix(offset: time::Duration) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn wall_clock_jumps_do_not_disturb_raft() {
-    let Some(lib) = LIBFAKETIME
+fn faketime_lib(test: &str) -> Option<&'static str> {
+    let lib = LIBFAKETIME
         .iter()
-        .find(|p| std::path::Path::new(p).exists())
-    else {
+        .copied()
+        .find(|p| std::path::Path::new(p).exists());
+    if lib.is_none() {
         eprintln!(
-            "\n\n*** SKIPPED wall_clock_jumps_do_not_disturb_raft: libfaketime not installed (Debian package faketime, in deploy/test-packages.txt) ***\n"
+            "\n\n*** SKIPPED {test}: libfaketime not installed (Debian package faketime, in deploy/test-packages.txt) ***\n"
         );
-        return;
-    };
-    let mut cluster = Cluster::with(3, 10_000, 1_000, 3_000);
-    cluster
-        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
-        .await;
-    // Every node under libfaketime: only the wall clock (CLOCK_REALTIME) is
-    // moved, as an NTP step or an operator's `date -s` would; the monotonic
-    // clock runs on.
+    }
+    lib
+}
+
+/// Restart every node under libfaketime: only the wall clock
+/// (CLOCK_REALTIME) can be moved, as an NTP step or an operator's `date -s`
+/// would; the monotonic clock runs on. Returns the per-node offset file.
+fn restart_under_faketime(cluster: &mut Cluster, lib: &str) -> impl Fn(u64) -> std::path::PathBuf {
     let dir = cluster.dir().to_path_buf();
-    let clock = |id: u64| dir.join(format!("node{id}/faketime"));
-    for id in 1..=3 {
+    let clock = move |id: u64| dir.join(format!("node{id}/faketime"));
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in ids {
         std::fs::write(clock(id), "+0\n").unwrap();
         cluster.kill(id);
         let file = clock(id).display().to_string();
@@ -313,6 +313,19 @@ async fn wall_clock_jumps_do_not_disturb_raft() {
             ],
         );
     }
+    clock
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn wall_clock_jumps_do_not_disturb_raft() {
+    let Some(lib) = faketime_lib("wall_clock_jumps_do_not_disturb_raft") else {
+        return;
+    };
+    let mut cluster = Cluster::with(3, 10_000, 1_000, 3_000);
+    cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    let clock = restart_under_faketime(&mut cluster, lib);
     let leader = cluster
         .wait_leader(&[1, 2, 3], Duration::from_secs(15))
         .await;
@@ -536,4 +549,106 @@ async fn a_follower_with_a_slow_disk_does_not_slow_the_majority() {
         assert!(Instant::now() < deadline, "slow follower never caught up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn job_leases_survive_a_wall_clock_jump() {
+    use pxemesh_proto::v1::relay_service_client::RelayServiceClient;
+    let Some(lib) = faketime_lib("job_leases_survive_a_wall_clock_jump") else {
+        return;
+    };
+    let mut cluster = Cluster::with(3, 10_000, 1_000, 3_000);
+    cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    let clock = restart_under_faketime(&mut cluster, lib);
+    let leader = cluster
+        .wait_leader(&[1, 2, 3], Duration::from_secs(20))
+        .await;
+    let mut admin = cluster.client(leader);
+    seed(&mut admin).await;
+    let mut h = host_named("j1", 1);
+    if let Some(pb::object::Record::Host(h)) = &mut h.record {
+        h.bmc = Some(pb::Bmc {
+            address: "10.99.0.1".into(),
+            username: "ADMIN".into(),
+            password: "pw".into(),
+            ..Default::default()
+        });
+    }
+    put(&mut admin, h).await.expect("host");
+    admin
+        .submit_jobs(pb::SubmitJobsRequest {
+            action: "power-status".into(),
+            hosts: Some(pb::HostSelector {
+                names: vec!["j1".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("submit");
+    let relay = |name: &str| {
+        cluster.pki.tls(
+            pxemesh_certs::Role::Relay {
+                rack: "r1".into(),
+                name: name.into(),
+            },
+            &format!("relay-r1-{name}"),
+        )
+    };
+    let (a, b) = (relay("a"), relay("b"));
+    let lease = |tls: std::sync::Arc<pxemesh_certs::Tls>, node: u64| {
+        let addr = cluster.addr(node);
+        async move {
+            let ch = pxemesh_coordinator::client::channel_lazy(&addr, tls).unwrap();
+            RelayServiceClient::new(ch)
+                .lease_jobs(pb::LeaseJobsRequest {
+                    max_jobs: 1,
+                    lease_seconds: 60,
+                    wait_ms: 0,
+                })
+                .await
+                .expect("lease")
+                .into_inner()
+                .jobs
+        }
+    };
+    let got = lease(a.clone(), leader).await;
+    assert_eq!(got.len(), 1, "relay a leases the job");
+    let job = got[0].job.clone().unwrap();
+    // Every node's wall clock jumps 3 hours ahead: the 60 s lease must hold.
+    for id in 1..=3 {
+        std::fs::write(clock(id), "+3h\n").unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut stolen = 0;
+    for id in 1..=3 {
+        stolen += lease(b.clone(), id).await.len();
+    }
+    let step = cluster
+        .metric(leader, "pxemesh_coordinator_wall_clock_step_ms")
+        .await
+        .unwrap_or(0.0);
+    // The lease holder's report is still accepted with its token.
+    let ch = pxemesh_coordinator::client::channel_lazy(&cluster.addr(leader), a).unwrap();
+    let report = RelayServiceClient::new(ch)
+        .report_job(pb::ReportJobRequest {
+            job_id: job.id.clone(),
+            state: pb::JobState::Running as i32,
+            attempts: job.attempts,
+            lease_seconds: 60,
+            ..Default::default()
+        })
+        .await;
+    eprintln!(
+        "job lease across a +3h wall-clock step: re-leased {stolen} times; leader reports a step of {step} ms; holder's report accepted: {}",
+        report.is_ok()
+    );
+    assert_eq!(stolen, 0, "a wall-clock step expired a 60 s lease");
+    assert!(
+        (step - 3.0 * 3600.0 * 1000.0).abs() < 60_000.0,
+        "step gauge {step}"
+    );
+    report.expect("the lease holder keeps its lease");
 }
