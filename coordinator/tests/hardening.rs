@@ -652,3 +652,47 @@ async fn job_leases_survive_a_wall_clock_jump() {
     );
     report.expect("the lease holder keeps its lease");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused_and_change_nothing() {
+    let cluster = Cluster::with_extra(
+        1,
+        10_000,
+        1_000,
+        3_000,
+        "\n[limits]\nmax_request_bytes = 1048576\n",
+    );
+    cluster.wait_leader(&[1], Duration::from_secs(20)).await;
+    let mut c = cluster.client(1);
+    seed(&mut c).await;
+    let big = pb::Object {
+        record: Some(pb::object::Record::Rack(pb::Rack {
+            name: "big".into(),
+            description: "x".repeat(2 * 1024 * 1024),
+            ..Default::default()
+        })),
+    };
+    let err = put(&mut c, big)
+        .await
+        .expect_err("a 2 MiB request over a 1 MiB limit");
+    eprintln!("oversized request: {:?}: {}", err.code(), err.message());
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{err:?}"
+    );
+    let mut req = tonic::Request::new(pb::GetRequest {
+        kind: pb::Kind::Rack as i32,
+        name: "big".into(),
+        consistency: pb::Consistency::Linearizable as i32,
+    });
+    req.set_timeout(Duration::from_secs(5));
+    let got = c.get(req).await.expect_err("nothing was written");
+    assert_eq!(got.code(), tonic::Code::NotFound);
+    // The same connection and node keep serving.
+    put(&mut c, host(1))
+        .await
+        .expect("a normal write after the refusal");
+}
