@@ -140,6 +140,13 @@ pub struct Fatal {
 }
 
 impl Fatal {
+    fn of(e: &CoordError) -> Fatal {
+        Fatal {
+            disk_full: limits::is_disk_full(e),
+            message: e.to_string(),
+        }
+    }
+
     fn error(&self) -> CoordError {
         if self.disk_full {
             CoordError::DiskFull(self.message.clone())
@@ -473,13 +480,10 @@ impl Node {
                 // it): stop, and stop the process, rather than continue with
                 // an unknown on-disk state. A restart replays the durable log
                 // and cuts a torn tail.
-                let disk_full = limits::is_disk_full(&e);
-                error!(error = %e, disk_full, "raft node stopping: storage failure in the ready loop");
+                let fatal = Fatal::of(&e);
+                error!(error = %e, disk_full = fatal.disk_full, "raft node stopping: storage failure in the ready loop");
                 self.metrics.storage_failures.inc();
-                let _ = self.fatal.set(Fatal {
-                    disk_full,
-                    message: e.to_string(),
-                });
+                let _ = self.fatal.set(fatal);
                 shutdown.cancel();
                 break;
             }
@@ -701,8 +705,32 @@ impl Node {
         let last_index = last.index;
         // Committed (durable on a quorum), not yet applied here.
         failpoint::hit("before_apply");
-        let mut pending = Pending::default();
         let mut replies = Vec::new();
+        if let Err(e) = self.apply_entries(entries, &mut replies) {
+            // Callers whose entries were in this batch learn the real cause
+            // (their outcome is unknown: the batch may or may not be on disk).
+            let f = Fatal::of(&e);
+            for (reply, _) in replies {
+                let _ = reply.send(Err(f.error()));
+            }
+            return Err(e);
+        }
+        // Applied, callers not yet answered: their outcome is unknown to them.
+        failpoint::hit("after_apply");
+        for (reply, result) in replies {
+            let _ = reply.send(Ok(result));
+        }
+        self.metrics.applied_index.set(last_index as i64);
+        self.applied_tx.send_replace(last_index);
+        Ok(())
+    }
+
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        replies: &mut Vec<(WriteReply, Result<ApplyOutcome, StateError>)>,
+    ) -> Result<(), CoordError> {
+        let mut pending = Pending::default();
         for entry in entries {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
@@ -729,15 +757,7 @@ impl Node {
                 }
             }
         }
-        self.state.commit(pending)?;
-        // Applied, callers not yet answered: their outcome is unknown to them.
-        failpoint::hit("after_apply");
-        for (reply, result) in replies {
-            let _ = reply.send(Ok(result));
-        }
-        self.metrics.applied_index.set(last_index as i64);
-        self.applied_tx.send_replace(last_index);
-        Ok(())
+        self.state.commit(pending)
     }
 
     fn take_waiter(&mut self, ctx: &[u8]) -> Option<Waiter> {
