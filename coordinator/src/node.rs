@@ -488,18 +488,11 @@ impl Node {
                 break;
             }
         }
-        let stop = match self.fatal.get() {
-            Some(f) => f.clone(),
-            None => Fatal {
-                disk_full: false,
-                message: String::new(),
-            },
-        };
+        let fatal = self.fatal.get().cloned();
         for (_, (w, _)) in self.waiters.drain() {
-            if stop.message.is_empty() {
-                fail(w, || CoordError::Stopped);
-            } else {
-                fail(w, || stop.error());
+            match &fatal {
+                Some(f) => fail(w, || f.error()),
+                None => fail(w, || CoordError::Stopped),
             }
         }
         self.transport.shutdown();
