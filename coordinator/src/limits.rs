@@ -54,6 +54,23 @@ impl LimitsConfig {
     }
 }
 
+/// Free space needed to open the stores at all. sled writes while it opens
+/// (recovery, its own snapshot); opening it on a full disk left a corrupt
+/// database that no longer opened once space returned (found by
+/// `tests/diskfull.rs`). Below this the node refuses to start instead.
+pub const STARTUP_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Refuse to open the stores in `dir` on a (nearly) full file system.
+pub fn check_startup_space(dir: &Path) -> Result<(), CoordError> {
+    match available_bytes(dir) {
+        Ok(free) if free < STARTUP_MIN_FREE_BYTES => Err(CoordError::DiskFull(format!(
+            "data directory {} has {free} bytes available; at least {STARTUP_MIN_FREE_BYTES} are needed to open the log and state safely (No space left on device); free space and start again",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Bytes available to an unprivileged writer on the file system holding `path`.
 pub fn available_bytes(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;

@@ -72,6 +72,7 @@ pub async fn run(
     }
     let key = ClusterKey::load(&config.cluster_key_file)?;
     std::fs::create_dir_all(&config.data_dir)?;
+    crate::limits::check_startup_space(&config.data_dir)?;
     let db = sled::Config::new()
         .path(config.data_dir.join("sled"))
         .mode(sled::Mode::HighThroughput)

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use pxemesh_proto::v1 as pb;
 
+/// Errors end the process with their message, not a backtrace, in the log.
+const NO_BACKTRACE: &[(&str, &str)] = &[("RUST_BACKTRACE", "0")];
+
 fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
@@ -108,7 +111,7 @@ async fn disk_full_is_reported_refused_and_recovered() {
     let data = cluster.dir().join("node1/data");
     std::fs::remove_dir_all(&data).unwrap();
     let _fs = Tmpfs::mount(&data, "32m");
-    cluster.spawn(1);
+    cluster.spawn_env(1, NO_BACKTRACE);
     cluster.wait_leader(&[1], Duration::from_secs(10)).await;
     let mut c = cluster.client(1);
     seed(&mut c).await;
@@ -165,7 +168,7 @@ async fn disk_full_is_reported_refused_and_recovered() {
         ),
     )
     .unwrap();
-    cluster.spawn(1);
+    cluster.spawn_env(1, NO_BACKTRACE);
     cluster.wait_leader(&[1], Duration::from_secs(10)).await;
     let mut c = cluster.client(1);
     for i in 200..220 {
@@ -200,9 +203,27 @@ async fn disk_full_is_reported_refused_and_recovered() {
     assert!(!log.contains("panicked"), "no panic on a full disk");
     assert!(log.contains("storage failure"), "log names the failure");
 
+    // Restarted while the disk is still full (as systemd would): it stops
+    // again at its first log write, without a panic, and changes nothing.
+    let before = log.len();
+    cluster.spawn_env(1, NO_BACKTRACE);
+    let again = wait_exit(&mut cluster, 1, Duration::from_secs(20)).await;
+    let log = cluster.log_text(1);
+    let tail = &log[before.min(log.len())..];
+    eprintln!("restart with the disk still full: exit {again:?}");
+    assert!(
+        matches!(again, Some(c) if c != 0),
+        "a node on a full disk must stop, not limp: {again:?}"
+    );
+    assert!(!tail.contains("panicked"), "{tail}");
+    assert!(
+        tail.contains("are needed to open the log and state safely"),
+        "the refusal names the cause: {tail}"
+    );
+
     // Space returns: a restart recovers every acknowledged write.
     std::fs::remove_file(&filler).unwrap();
-    cluster.spawn(1);
+    cluster.spawn_env(1, NO_BACKTRACE);
     cluster.wait_leader(&[1], Duration::from_secs(15)).await;
     let mut c = cluster.client(1);
     let names = host_names(&mut c, pb::Consistency::Linearizable)
