@@ -117,7 +117,8 @@ impl DiskGuard {
 const ENOSPC: i32 = 28;
 const EDQUOT: i32 = 122;
 
-fn io_is_disk_full(e: &std::io::Error) -> bool {
+/// Whether an I/O error means the file system is full (or over quota).
+pub fn io_is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(ENOSPC) | Some(EDQUOT))
         || e.kind() == std::io::ErrorKind::StorageFull
         || e.to_string().contains("No space left on device")

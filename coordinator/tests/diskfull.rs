@@ -148,6 +148,20 @@ async fn disk_full_is_reported_refused_and_recovered() {
     assert!(cluster.exited(1).is_none(), "the node must keep running");
     let out = cluster.ctl(&["host", "get", "h100"]);
     assert!(!out.status.success());
+    // An image upload into the same full disk: a clear error too.
+    let src = cluster.dir().join("image-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let blob: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("big.img"), blob).unwrap();
+    let out = cluster.ctl(&["image", "push", src.to_str().unwrap(), "--name", "big"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!("disk full (image push): {}", stderr.trim());
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("disk full") && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    assert!(cluster.exited(1).is_none(), "the node must keep running");
     // Space returns: writes succeed again, no restart.
     std::fs::remove_file(&filler).unwrap();
     put(&mut c, host(100))

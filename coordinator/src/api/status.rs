@@ -40,6 +40,9 @@ fn blob_status(e: crate::blobs::BlobError) -> Status {
         }
         e @ B::Busy(_) => Status::aborted(e.to_string()),
         e @ B::Offset { .. } => Status::failed_precondition(e.to_string()),
+        B::Io(io) if crate::limits::io_is_disk_full(&io) => {
+            Status::resource_exhausted(format!("disk full: blob store: {io}"))
+        }
         e @ B::Io(_) => {
             error!(error = %e, "blob store I/O error serving a request");
             Status::internal(e.to_string())
