@@ -115,6 +115,28 @@ impl LimitsConfig {
     }
 }
 
+/// Free space needed to open the relay's database at all: sled writes while
+/// it opens, and the coordinator's disk-full test found a sled opened on a
+/// full disk left corrupt (coordinator/src/limits.rs). Below this the relay
+/// refuses to start, with the cause, instead.
+pub const STARTUP_MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Refuse to open the database in `dir` on a (nearly) full file system.
+pub fn check_startup_space(dir: &std::path::Path) -> Result<(), crate::error::RelayError> {
+    match pxemesh_coordinator::limits::available_bytes(dir) {
+        Ok(free) if free < STARTUP_MIN_FREE_BYTES => Err(crate::error::RelayError::Io(
+            std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "data directory {} has {free} bytes available; at least {STARTUP_MIN_FREE_BYTES} are needed to open the database safely (No space left on device); free space and start again",
+                    dir.display()
+                ),
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Why a packet or a transfer was refused (the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {

@@ -1007,7 +1007,8 @@ fn relay_database_on_a_full_disk() {
     }
     let mut mount = None;
     let mut lab = Lab::with("f", |d| {
-        mount = Some(Tmpfs::mount(&d.join("data"), "16m"));
+        // The relay needs 16 MiB free to start (limits::STARTUP_MIN_FREE_BYTES).
+        mount = Some(Tmpfs::mount(&d.join("data"), "32m"));
     });
     let mount = mount.expect("mounted");
     let first = dora(&lab.c.name, random_mac(0xf001), 0xf001);
@@ -1062,10 +1063,27 @@ fn relay_database_on_a_full_disk() {
         acked.push((random_mac(0xf004), Some(ip)));
     }
 
-    // Restart on the same database: the lease granted before is intact.
+    // Stopped and started while the disk is full: refused with the cause
+    // (sled opened on a full disk may corrupt itself), not half-opened.
     let cfg = lab.path("relay.toml").display().to_string();
     let _ = Command::new("kill").arg(lab.pid.to_string()).status();
     wait_for(Duration::from_secs(10), || (!lab.alive()).then_some(()));
+    mount.fill("filler2");
+    let out = lab
+        .s
+        .cmd(RELAY)
+        .args(["-c", &cfg])
+        .output()
+        .expect("run the relay on a full disk");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("No space left on device"),
+        "start on a full disk: {:?}\n{err}",
+        out.status
+    );
+    eprintln!("start on a full disk: {}", err.trim());
+    fs::remove_file(mount.0.join("filler2")).unwrap();
+    // Restart on the same database once space is back.
     let log2 = lab.path("relay2.log");
     lab.pid = lab.s.spawn(RELAY, &["-c", &cfg, "--log", "info"], &log2);
     let up = wait_for(Duration::from_secs(20), || {
