@@ -83,6 +83,10 @@ pub struct Config {
     /// Image store: replication, garbage collection, scrubbing.
     #[serde(default)]
     pub images: crate::images::ImagesConfig,
+    /// CloudStack bridge (`[cloudstack]`, see deploy/cloudstack.example.toml);
+    /// the Raft leader runs it.
+    #[serde(default)]
+    pub cloudstack: Option<crate::cloudstack::CloudStackConfig>,
 }
 
 impl Config {

@@ -31,6 +31,7 @@ pub struct Metrics {
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
     pub images: crate::images::ImageMetrics,
+    pub cloudstack: crate::cloudstack::bridge::BridgeMetrics,
 }
 
 impl Metrics {
@@ -54,6 +55,7 @@ impl Metrics {
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             images: Default::default(),
+            cloudstack: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -133,6 +135,7 @@ impl Metrics {
             m.auth_denied.clone(),
         );
         m.images.register(&mut registry);
+        m.cloudstack.register(&mut registry);
         Metrics { registry, ..m }
     }
 

@@ -119,12 +119,24 @@ pub async fn run(
         tracker.clone(),
     );
     let blobs = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
-    let admin = AdminServiceServer::new(AdminApi::new(
-        node.clone(),
-        key.clone(),
-        blobs.clone(),
-        metrics.clone(),
-    ));
+    let bridge = match config.cloudstack.clone() {
+        Some(cs) => {
+            let (bridge, handle) = crate::cloudstack::bridge::Bridge::new(
+                node.clone(),
+                key.clone(),
+                cs,
+                metrics.cloudstack.clone(),
+            )
+            .map_err(|e| CoordError::Config(format!("[cloudstack]: {e}")))?;
+            tracker.spawn(bridge.run(shutdown.clone()));
+            Some(handle)
+        }
+        None => None,
+    };
+    let admin = AdminServiceServer::new(
+        AdminApi::new(node.clone(), key.clone(), blobs.clone(), metrics.clone())
+            .with_cloudstack(bridge),
+    );
     let raft = RaftServiceServer::new(RaftApi::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);

@@ -4,6 +4,7 @@
 //! (`fetch`) and the bridge's configuration (`config`). The leader-run sync loop and the pxemeshctl
 //! commands are wired on top of these.
 
+pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod fetch;

@@ -1,0 +1,510 @@
+//! The CloudStack bridge against real coordinator processes and the
+//! CloudStack API simulator (signatures checked, pages, async jobs,
+//! injectable failures):
+//!
+//! - a pod with two bare metal hosts and one kickstart instance yields the
+//!   rack, the host with its reservation and BMC (password sealed), and the
+//!   kickstart profile; a second sync changes nothing; an expunged instance
+//!   loses its reservation;
+//! - an instance entering `Starting` gets `bootdev-pxe` then `power-on`
+//!   (once, also across re-syncs); a provision-done event becomes exactly one
+//!   accepted `notifyBaremetalProvisionDone`, also when the first attempts
+//!   fail;
+//! - the management server failing: the bridge backs off, logs once per
+//!   state change, then catches up;
+//! - killing the leader of a 3-node cluster moves the bridge; the
+//!   simulator's record of callers (node and term in the User-Agent) shows
+//!   no two bridges ever interleaving.
+
+mod cloudstack_sim;
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cloudstack_sim::{Failure, Sim, API_KEY, SECRET};
+use common::*;
+use pxemesh_certs::Role;
+use pxemesh_proto::v1 as pb;
+use pxemesh_proto::v1::relay_service_client::RelayServiceClient;
+use serde_json::{json, Value};
+
+const VM_MAC: &str = "52:54:00:0c:5a:01";
+const BMC_PW: &str = "Bmc-Secret-pw-91";
+
+fn zone() -> Value {
+    json!({"id": "z1", "name": "Z1", "networktype": "Basic", "dns1": "10.20.0.2"})
+}
+fn pod() -> Value {
+    json!({"id": "p1", "name": "POD0", "zoneid": "z1", "zonename": "Z1"})
+}
+fn cs_host(i: u32) -> Value {
+    json!({
+        "id": format!("h-{i}"), "name": format!("bm-{i}"), "hypervisor": "BareMetal",
+        "type": "Routing", "podid": "p1", "podname": "POD0", "zoneid": "z1", "zonename": "Z1",
+        "ipaddress": format!("127.0.0.{}", 100 + i), "cpunumber": 8, "cpuspeed": 2400,
+        "memorytotal": 34359738368u64, "state": "Up",
+        "details": {"hostmac": format!("52:54:00:0c:5a:{i:02x}")}
+    })
+}
+fn template() -> Value {
+    json!({
+        "id": "t-ks1", "name": "centos-ks", "hypervisor": "BareMetal", "zoneid": "z1",
+        "url": "ks=http://10.20.0.5/ks.cfg;kernel=http://10.20.0.5/vmlinuz;initrd=http://10.20.0.5/initrd.img"
+    })
+}
+fn vm(state: &str) -> Value {
+    json!({
+        "id": "vm-1", "name": "web-1", "state": state, "hypervisor": "BareMetal",
+        "hostid": "h-1", "hostname": "bm-1", "zoneid": "z1", "templateid": "t-ks1",
+        "templatename": "centos-ks",
+        "nic": [{"id": "n1", "macaddress": VM_MAC, "ipaddress": "10.20.0.50",
+                 "netmask": "255.255.255.0", "gateway": "10.20.0.1", "isdefault": true}]
+    })
+}
+
+fn populate(sim: &Sim, vm_state: Option<&str>) {
+    sim.set("zones", vec![zone()]);
+    sim.set("pods", vec![pod()]);
+    sim.set("hosts", vec![cs_host(1), cs_host(2)]);
+    sim.set("templates", vec![template()]);
+    sim.set("vms", vm_state.map(|s| vec![vm(s)]).unwrap_or_default());
+}
+
+/// A cluster whose coordinators run the bridge against `sim`.
+fn cluster(n: u64, sim: &Sim) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("cs.secret");
+    let pw = dir.path().join("bmc.pw");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    std::fs::write(&pw, format!("{BMC_PW}\n")).unwrap();
+    let extra = format!(
+        "\n[cloudstack]\nurl = \"{}\"\napi_key = \"{API_KEY}\"\nsecret_key_file = \"{}\"\ninterval_seconds = 5\nrate_limit_per_second = 200.0\nrate_limit_burst = 50\nrequest_timeout_seconds = 2\nasync_job_timeout_seconds = 5\n[cloudstack.pod_racks]\nPOD0 = \"rack-a\"\n[cloudstack.bmc]\nusername = \"ADMIN\"\npassword_file = \"{}\"\ncipher_suite = 3\n",
+        sim.url(),
+        secret.display(),
+        pw.display()
+    );
+    let c = Cluster::with_extra(n, 10_000, 1_000, 5_000, &extra);
+    // The secret files must outlive the cluster's start; keep them with it.
+    std::mem::forget(dir);
+    c
+}
+
+/// Rack and network the instance's NIC falls in (the operator's part).
+async fn seed_rack(c: &Cluster, leader: u64) {
+    let mut cl = c.client(leader);
+    put(&mut cl, rack("rack-a")).await.expect("rack");
+    put(&mut cl, network("net-a", "rack-a", "10.20.0.0/24"))
+        .await
+        .expect("network");
+}
+
+fn ctl_json(c: &Cluster, args: &[&str]) -> (bool, Value, String) {
+    let mut a = vec!["--output", "json"];
+    a.extend_from_slice(args);
+    let out = c.ctl(&a);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    (
+        out.status.success(),
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        format!("{text}{err}"),
+    )
+}
+
+/// `pxemeshctl cloudstack sync`, retried while the bridge is still starting
+/// (no leader yet / leadership just moved).
+fn sync(c: &Cluster) -> Value {
+    let t = Instant::now();
+    loop {
+        let (ok, v, out) = ctl_json(c, &["cloudstack", "sync", "--wait", "20"]);
+        if ok {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "sync failed: {out}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+async fn get_host(c: &Cluster, id: u64, name: &str) -> Option<pb::Host> {
+    let mut cl = c.client(id);
+    let r = cl
+        .get(pb::GetRequest {
+            kind: pb::Kind::Host as i32,
+            name: name.into(),
+            consistency: pb::Consistency::Linearizable as i32,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    match r.object?.record? {
+        pb::object::Record::Host(h) => Some(h),
+        _ => None,
+    }
+}
+
+async fn list(c: &Cluster, id: u64, kind: pb::Kind) -> Vec<pb::object::Record> {
+    let mut cl = c.client(id);
+    cl.list(pb::ListRequest {
+        kind: kind as i32,
+        rack: String::new(),
+        consistency: pb::Consistency::Linearizable as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .objects
+    .into_iter()
+    .filter_map(|o| o.record)
+    .collect()
+}
+
+async fn jobs_of(c: &Cluster, id: u64) -> Vec<pb::Job> {
+    let mut cl = c.client(id);
+    let mut jobs = cl
+        .list_jobs(pb::ListJobsRequest {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    jobs.sort_by(|a, b| a.id.cmp(&b.id));
+    jobs
+}
+
+fn accepted_notifies(sim: &Sim) -> usize {
+    sim.state
+        .lock()
+        .unwrap()
+        .jobs
+        .values()
+        .filter(|j| {
+            j.command
+                .eq_ignore_ascii_case("notifyBaremetalProvisionDone")
+        })
+        .filter(|j| j.outcome.is_ok())
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_hosts_instance_and_template_become_records_idempotently() {
+    let sim = Sim::start().await;
+    populate(&sim, Some("Running"));
+    let c = cluster(1, &sim);
+    let leader = c.wait_leader(&[1], Duration::from_secs(15)).await;
+    seed_rack(&c, leader).await;
+
+    let s = sync(&c);
+    assert_eq!(s["state"], "up", "{s}");
+    assert_eq!(s["node_id"], leader);
+    // zone + pod + 2 hosts + 1 instance + 1 template.
+    assert_eq!(s["objects_seen"], 6, "{s}");
+    // (The bridge also synced on its own when it started: the changes are
+    // split between the two syncs.)
+
+    let h = get_host(&c, leader, "bm-1").await.expect("host record");
+    assert_eq!(
+        (
+            h.mac.as_str(),
+            h.ip.as_str(),
+            h.rack.as_str(),
+            h.network.as_str()
+        ),
+        (VM_MAC, "10.20.0.50", "rack-a", "net-a")
+    );
+    assert_eq!(h.profile, "cs-t-ks1");
+    assert_eq!(
+        h.labels.get("cloudstack.vm-id").map(String::as_str),
+        Some("vm-1")
+    );
+    assert_eq!(
+        h.labels.get("cloudstack.cpu-number").map(String::as_str),
+        Some("8")
+    );
+    let bmc = h.bmc.expect("bmc");
+    assert_eq!(bmc.address, "127.0.0.101");
+    assert_eq!(bmc.username, "ADMIN");
+    assert!(bmc.password_set, "BMC password sealed and stored");
+    let profiles = list(&c, leader, pb::Kind::Profile).await;
+    let prof = profiles
+        .iter()
+        .find_map(|r| match r {
+            pb::object::Record::Profile(p) if p.name == "cs-t-ks1" => Some(p.clone()),
+            _ => None,
+        })
+        .expect("kickstart profile");
+    assert_eq!(prof.kickstart_url, "http://10.20.0.5/ks.cfg");
+    let racks = list(&c, leader, pb::Kind::Rack).await;
+    assert!(racks.iter().any(|r| matches!(r, pb::object::Record::Rack(r)
+        if r.name == "rack-a" && r.labels.get("cloudstack.pod-id").map(String::as_str) == Some("p1"))));
+    // The idle host (bm-2) is seen but has no instance to reserve for.
+    assert!(get_host(&c, leader, "bm-2").await.is_none());
+
+    // The same CloudStack state again: nothing changes (the sealed password
+    // is kept, not re-sealed).
+    let rev_before = h.revision;
+    let s = sync(&c);
+    assert_eq!(
+        s["objects_changed"], 0,
+        "second sync changed something: {s}"
+    );
+    let h2 = get_host(&c, leader, "bm-1").await.unwrap();
+    assert_eq!(h2.revision, rev_before);
+
+    // No secret in the log; a status is served.
+    let log = c.log_text(leader);
+    assert!(!log.contains(BMC_PW) && !log.contains(SECRET));
+    let (ok, st, out) = ctl_json(&c, &["cloudstack", "status"]);
+    assert!(ok, "{out}");
+    assert!(st["syncs"].as_u64().unwrap() >= 2, "{st}");
+    assert_eq!(st["objects_changed"], 0, "{st}");
+
+    // Expunged: the reservation goes.
+    sim.set("vms", vec![vm("Expunging")]);
+    let s = sync(&c);
+    assert_eq!(s["objects_changed"], 1, "{s}");
+    assert!(get_host(&c, leader, "bm-1").await.is_none());
+    assert!(
+        c.metric(
+            leader,
+            "pxemesh_coordinator_cloudstack_bridge_objects_changed_total"
+        )
+        .await
+        .unwrap_or(0.0)
+            >= 4.0
+    );
+    assert_eq!(sim.state.lock().unwrap().rejected, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
+    let sim = Sim::start().await;
+    populate(&sim, Some("Stopped"));
+    let c = cluster(1, &sim);
+    let leader = c.wait_leader(&[1], Duration::from_secs(15)).await;
+    seed_rack(&c, leader).await;
+    sync(&c);
+    assert!(
+        jobs_of(&c, leader).await.is_empty(),
+        "no jobs while stopped"
+    );
+
+    // CloudStack starts the instance.
+    sim.set("vms", vec![vm("Starting")]);
+    let s = sync(&c);
+    assert_eq!(s["jobs_submitted"], 2, "{s}");
+    let jobs = jobs_of(&c, leader).await;
+    let actions: Vec<(&str, &str)> = jobs
+        .iter()
+        .map(|j| (j.host.as_str(), j.action.as_str()))
+        .collect();
+    assert_eq!(actions, [("bm-1", "bootdev-pxe"), ("bm-1", "power-on")]);
+    // Re-syncs while still Starting submit nothing more.
+    sync(&c);
+    sync(&c);
+    assert_eq!(jobs_of(&c, leader).await.len(), 2);
+
+    // The kickstart's provision-done callback, as the rack relay reports it;
+    // the first two notifications fail at CloudStack, then it accepts.
+    sim.state.lock().unwrap().job_failure = Some((530, "transient".into()));
+    let relay_tls = c.pki.tls(
+        Role::Relay {
+            rack: "rack-a".into(),
+            name: "relay-1".into(),
+        },
+        "relay-1",
+    );
+    let ch = pxemesh_coordinator::client::channel(&c.addr(leader), relay_tls)
+        .await
+        .unwrap();
+    let mut relay = RelayServiceClient::new(ch);
+    relay
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![pb::BootEvent {
+                sequence: 1,
+                host_mac: VM_MAC.into(),
+                kind: "provision-done".into(),
+                detail: "GET /baremetal/provisiondone".into(),
+                unix_ms: 1,
+            }],
+        })
+        .await
+        .expect("report provision-done");
+    let t = Instant::now();
+    while sim.state.lock().unwrap().provision_done.len() < 2 {
+        assert!(t.elapsed() < Duration::from_secs(20), "no notify attempts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sim.state.lock().unwrap().job_failure = None;
+    let t = Instant::now();
+    while accepted_notifies(&sim) < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "notify never accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // More ticks and syncs: no second accepted notification.
+    sync(&c);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sync(&c);
+    assert_eq!(accepted_notifies(&sim), 1);
+    let macs = sim.state.lock().unwrap().provision_done.clone();
+    assert!(macs.iter().all(|m| m == VM_MAC), "{macs:?}");
+    let h = get_host(&c, leader, "bm-1").await.unwrap();
+    assert!(h.labels.contains_key("cloudstack.bridge.notified-event"));
+    let log = c.log_text(leader);
+    assert!(log.contains("cloudstack notified: provision done"));
+
+    // CloudStack moves it to Running, later Stopped, then Starting again: a
+    // new start gets its own pair of jobs.
+    sim.set("vms", vec![vm("Running")]);
+    sync(&c);
+    sim.set("vms", vec![vm("Stopped")]);
+    sync(&c);
+    sim.set("vms", vec![vm("Starting")]);
+    let s = sync(&c);
+    assert_eq!(s["jobs_submitted"], 4, "{s}");
+    assert_eq!(jobs_of(&c, leader).await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_server_outage_backs_off_and_catches_up() {
+    let sim = Sim::start().await;
+    populate(&sim, None);
+    let c = cluster(1, &sim);
+    let leader = c.wait_leader(&[1], Duration::from_secs(15)).await;
+    seed_rack(&c, leader).await;
+    sync(&c);
+
+    // The management server answers 503 (HTML) to everything for a while.
+    sim.fail_next(Failure {
+        count: 100_000,
+        http_status: 503,
+        error: None,
+        command: None,
+    });
+    let calls_at = |sim: &Sim| sim.state.lock().unwrap().accepted.len();
+    let start_calls = calls_at(&sim);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let attempts = calls_at(&sim) - start_calls;
+    // Back-off 1, 2, 4, 5 s: about 4 attempts in 9 s, not 36 (one per tick).
+    assert!(
+        (2..=7).contains(&attempts),
+        "{attempts} attempts in 9 s while down"
+    );
+    let (ok, st, out) = ctl_json(&c, &["cloudstack", "status"]);
+    assert!(ok, "{out}");
+    assert_eq!(st["state"], "backing-off", "{st}");
+    assert!(st["last_error"].as_str().unwrap().contains("503"), "{st}");
+
+    // CloudStack gets an instance meanwhile; the server comes back.
+    sim.set("vms", vec![vm("Running")]);
+    sim.state.lock().unwrap().failure = None;
+    let t = Instant::now();
+    while get_host(&c, leader, "bm-1").await.is_none() {
+        assert!(t.elapsed() < Duration::from_secs(15), "did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = c.log_text(leader);
+    assert_eq!(
+        log.matches("cloudstack sync failing; backing off").count(),
+        1,
+        "one line per state change"
+    );
+    assert_eq!(log.matches("cloudstack sync recovered").count(), 1);
+    let (_, st, _) = ctl_json(&c, &["cloudstack", "status"]);
+    assert_eq!(st["state"], "up", "{st}");
+    assert!(st["failures"].as_u64().unwrap() >= 2);
+}
+
+/// (node, term) of a bridge User-Agent.
+fn caller(ua: &str) -> Option<(u64, u64)> {
+    let mut node = None;
+    let mut term = None;
+    for w in ua.split_whitespace() {
+        if let Some(v) = w.strip_prefix("node=") {
+            node = v.parse().ok();
+        }
+        if let Some(v) = w.strip_prefix("term=") {
+            term = v.parse().ok();
+        }
+    }
+    Some((node?, term?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_moves_the_bridge_without_overlap() {
+    let sim = Sim::start().await;
+    populate(&sim, Some("Running"));
+    let mut c = cluster(3, &sim);
+    let first = c.wait_leader(&[1, 2, 3], Duration::from_secs(20)).await;
+    seed_rack(&c, first).await;
+    let s = sync(&c);
+    assert_eq!(s["node_id"], first);
+    assert!(get_host(&c, first, "bm-1").await.is_some());
+
+    c.kill(first);
+    let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != first).collect();
+    let second = c.wait_leader(&rest, Duration::from_secs(20)).await;
+    // The new leader runs it; a change made in CloudStack arrives.
+    sim.set("vms", vec![vm("Expunging")]);
+    let t = Instant::now();
+    loop {
+        let (ok, st, _) = ctl_json(&c, &["cloudstack", "status"]);
+        if ok && st["node_id"] == second && get_host(&c, second, "bm-1").await.is_none() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "bridge did not move");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let follower = rest.iter().copied().find(|i| *i != second).unwrap();
+    assert_eq!(
+        c.metric(follower, "pxemesh_coordinator_cloudstack_bridge_active")
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        c.metric(second, "pxemesh_coordinator_cloudstack_bridge_active")
+            .await,
+        Some(1.0)
+    );
+
+    // Never two at once: each (node, term) called in one contiguous window,
+    // and windows never interleave.
+    let callers: Vec<(u64, u64)> = sim
+        .state
+        .lock()
+        .unwrap()
+        .callers
+        .iter()
+        .map(|(ua, _, _)| caller(ua).unwrap_or_else(|| panic!("unknown caller {ua:?}")))
+        .collect();
+    let mut order: Vec<(u64, u64)> = Vec::new();
+    for who in &callers {
+        if order.last() != Some(who) {
+            assert!(
+                !order.contains(who),
+                "{who:?} called again after another bridge: {order:?}"
+            );
+            order.push(*who);
+        }
+    }
+    assert_eq!(order.len(), 2, "two bridges in turn: {order:?}");
+    assert_eq!(order[0].0, first);
+    assert_eq!(order[1].0, second);
+    assert!(
+        order[1].1 > order[0].1,
+        "the new bridge runs in a later term"
+    );
+    let per: BTreeMap<u64, usize> = callers.iter().fold(BTreeMap::new(), |mut m, (n, _)| {
+        *m.entry(*n).or_default() += 1;
+        m
+    });
+    assert!(
+        !per.contains_key(&follower),
+        "a follower called CloudStack: {per:?}"
+    );
+}
