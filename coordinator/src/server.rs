@@ -126,6 +126,7 @@ pub async fn run(
                 key.clone(),
                 cs,
                 metrics.cloudstack.clone(),
+                blobs.clone(),
             )
             .map_err(|e| CoordError::Config(format!("[cloudstack]: {e}")))?;
             tracker.spawn(bridge.run(shutdown.clone()));

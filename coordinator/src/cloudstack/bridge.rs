@@ -265,6 +265,7 @@ pub struct Bridge {
     bmc_passwords: BTreeMap<String, String>,
     metrics: BridgeMetrics,
     handle: BridgeHandle,
+    blobs: Arc<crate::blobs::BlobStore>,
 }
 
 /// Per-leadership state of the loop.
@@ -286,6 +287,7 @@ impl Bridge {
         key: ClusterKey,
         cfg: CloudStackConfig,
         metrics: BridgeMetrics,
+        blobs: Arc<crate::blobs::BlobStore>,
     ) -> Result<(Bridge, BridgeHandle), BridgeError> {
         cfg.validate().map_err(BridgeError::Config)?;
         let settings = ClientSettings::from_config(&cfg)?;
@@ -308,6 +310,7 @@ impl Bridge {
                 bmc_passwords,
                 metrics,
                 handle: handle.clone(),
+                blobs,
             },
             handle,
         ))
@@ -591,6 +594,7 @@ impl Bridge {
             + listing.vms.len()
             + listing.templates.len()) as u64;
         let pxe_hosts = self.current_hosts()?;
+        let templates = listing.templates.clone();
         let inputs = Inputs {
             zones: listing.zones,
             pods: listing.pods,
@@ -633,6 +637,9 @@ impl Bridge {
             let recs = p.profiles.iter().cloned().map(Record::Profile).collect();
             report.changed += self.write(st.term, Command::Put(recs)).await?;
         }
+        report.changed += self
+            .import_images(st.term, &templates, &mut report.skipped)
+            .await?;
         for h in &p.hosts {
             let mut h = h.clone();
             let existing = pxe_hosts.iter().find(|e| e.name == h.name);
@@ -664,6 +671,89 @@ impl Bridge {
         }
         report.jobs = self.start_jobs(st.term, &mut report.changed).await?;
         Ok(report)
+    }
+
+    /// Kernel and initrd of every kickstart template with a profile go into
+    /// image `cs-<template id>` (the profile's image), once: an existing
+    /// image is never downloaded again. A failed download is reported in
+    /// `skipped` and retried at the next sync; it does not fail the sync.
+    async fn import_images(
+        &self,
+        term: u64,
+        templates: &[super::model::Template],
+        skipped: &mut Vec<String>,
+    ) -> Result<u64, BridgeError> {
+        let mut changed = 0;
+        let mut done = std::collections::BTreeSet::new();
+        for t in templates {
+            let Some(url) = t.url.as_deref() else {
+                continue;
+            };
+            let Ok(k) = super::model::KickstartUrl::parse(url) else {
+                continue;
+            };
+            let name = super::reconcile::profile_name(&t.id);
+            if !done.insert(name.clone())
+                || self.node.state().get(Kind::Profile, &name)?.is_none()
+                || self.node.state().get(Kind::Image, &name)?.is_some()
+            {
+                continue;
+            }
+            match self.import_one(&name, &k.kernel, &k.initrd).await {
+                Ok(image) => {
+                    let n = self
+                        .write(term, Command::Put(vec![Record::Image(image)]))
+                        .await?;
+                    info!(image = %name, template = %t.id, kernel = %k.kernel, initrd = %k.initrd, "cloudstack template kernel and initrd imported");
+                    changed += n;
+                }
+                Err(e) => {
+                    warn!(image = %name, template = %t.id, error = %e, "cloudstack template kernel/initrd import failed; retried at the next sync");
+                    skipped.push(format!("template {} ({}): image import: {e}", t.name, t.id));
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn import_one(
+        &self,
+        name: &str,
+        kernel: &str,
+        initrd: &str,
+    ) -> Result<crate::model::Image, CoordError> {
+        let tls = super::client::tls_config(self.cfg.ca_file.as_deref())
+            .map_err(|e| CoordError::Config(format!("TLS for image import: {e}")))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .build()
+            .map_err(|e| CoordError::Config(format!("HTTP client for image import: {e}")))?;
+        let mut files = Vec::new();
+        for (url, path) in [(kernel, "vmlinuz"), (initrd, "initrd.img")] {
+            let url = reqwest::Url::parse(url)
+                .map_err(|e| CoordError::invalid(format!("{url:?} is not a URL: {e}")))?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(CoordError::invalid(format!(
+                    "{url}: only http:// and https:// can be imported"
+                )));
+            }
+            let (digest, size) = crate::api::images::import_url(&http, &self.blobs, &url).await?;
+            files.push(crate::model::ImageFile {
+                path: path.into(),
+                digest: digest.to_string(),
+                size,
+                mode: 0o644,
+            });
+        }
+        let image = crate::model::Image {
+            name: name.into(),
+            files,
+            meta: Default::default(),
+        };
+        crate::api::images::check_manifests(&self.blobs, &[Record::Image(image.clone())]).await?;
+        Ok(image)
     }
 
     /// Bootdev-pxe then power-on for every bridge host whose instance is
