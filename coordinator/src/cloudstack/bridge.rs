@@ -171,7 +171,10 @@ pub struct BridgeStatus {
 struct Shared {
     status: Mutex<BridgeStatus>,
     trigger: Notify,
-    /// Bumped after every sync attempt.
+    /// Sequence number of the last sync started.
+    started: std::sync::atomic::AtomicU64,
+    /// Sequence number of the last sync finished (a waiter wants one that
+    /// started after its request, not one already under way).
     completed: watch::Sender<u64>,
 }
 
@@ -192,6 +195,7 @@ impl BridgeHandle {
                     ..Default::default()
                 }),
                 trigger: Notify::new(),
+                started: std::sync::atomic::AtomicU64::new(0),
                 completed,
             }),
         }
@@ -222,14 +226,28 @@ impl BridgeHandle {
             });
         }
         let mut rx = self.shared.completed.subscribe();
-        let before = *rx.borrow_and_update();
+        let want = self
+            .shared
+            .started
+            .load(std::sync::atomic::Ordering::SeqCst)
+            + 1;
         self.shared.trigger.notify_one();
         let waited = tokio::time::timeout(timeout, async {
-            rx.wait_for(|n| *n > before).await.map(|_| ())
+            rx.wait_for(|n| *n >= want || !self.status().active)
+                .await
+                .map(|_| ())
         })
         .await;
         match waited {
-            Ok(Ok(())) => Ok(self.status()),
+            Ok(Ok(())) => {
+                let st = self.status();
+                if !st.active {
+                    return Err(BridgeError::NotActive {
+                        leader: st.leader_id,
+                    });
+                }
+                Ok(st)
+            }
             Ok(Err(_)) => Err(BridgeError::Config("the bridge task stopped".into())),
             Err(_) => Err(BridgeError::Timeout(timeout)),
         }
@@ -276,6 +294,9 @@ struct Stint {
     backoff: Duration,
     notify_due: Instant,
     notify_backoff: Duration,
+    /// The newest event id when the hosts were last scanned for
+    /// provision-done without a failure (0: scan at the next tick).
+    scanned_events: u64,
     failing_since: Option<Instant>,
 }
 
@@ -353,7 +374,7 @@ impl Bridge {
                 });
                 if forced {
                     // Wake the waiter: it learns that this node is not active.
-                    self.handle.shared.completed.send_modify(|n| *n += 1);
+                    self.handle.shared.completed.send_modify(|_| {});
                 }
                 continue;
             }
@@ -382,6 +403,7 @@ impl Bridge {
                             backoff: BACKOFF_INITIAL,
                             notify_due: now,
                             notify_backoff: BACKOFF_INITIAL,
+                            scanned_events: 0,
                             failing_since: None,
                         });
                         self.metrics.active.set(1);
@@ -401,8 +423,14 @@ impl Bridge {
             let Some(st) = stint.as_mut() else { continue };
             let now = Instant::now();
             if forced || now >= st.next_sync {
+                let seq = self
+                    .handle
+                    .shared
+                    .started
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                    + 1;
                 self.sync_and_record(st, interval).await;
-                self.handle.shared.completed.send_modify(|n| *n += 1);
+                self.handle.shared.completed.send_modify(|n| *n = seq);
             }
             if Instant::now() >= st.notify_due {
                 self.notify_pending(st).await;
@@ -457,6 +485,7 @@ impl Bridge {
                 st.next_sync = Instant::now() + interval;
                 // New records may carry events to notify.
                 st.notify_due = Instant::now();
+                st.scanned_events = 0;
                 self.handle.update(|s| {
                     s.state = "up".into();
                     s.last_sync_unix_ms = unix_ms();
@@ -802,6 +831,17 @@ impl Bridge {
 
     /// Provision-done events of bridge hosts → notifyBaremetalProvisionDone.
     async fn notify_pending(&self, st: &mut Stint) {
+        // Scan the hosts only when events arrived since the last full scan.
+        let newest = match self.node.state().last_event_id() {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cloudstack notify: cannot read events");
+                return;
+            }
+        };
+        if newest != 0 && newest == st.scanned_events {
+            return;
+        }
         let hosts = match self.current_hosts() {
             Ok(h) => h,
             Err(e) => {
@@ -868,8 +908,9 @@ impl Bridge {
                 }
             }
         }
-        // Nothing failed: look again at the next tick.
+        // Nothing failed: look again when new events arrive.
         st.notify_due = Instant::now();
+        st.scanned_events = newest;
     }
 }
 
