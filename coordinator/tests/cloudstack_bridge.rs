@@ -417,6 +417,35 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
     // new start gets its own pair of jobs.
     sim.set("vms", vec![vm("Running")]);
     sync(&c);
+    // A late, repeated callback once it runs: recorded, not sent.
+    let attempts = sim.state.lock().unwrap().provision_done.len();
+    let before = h.labels["cloudstack.bridge.notified-event"].clone();
+    relay
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![pb::BootEvent {
+                sequence: 2,
+                host_mac: VM_MAC.into(),
+                kind: "provision-done".into(),
+                detail: "GET /baremetal/provisiondone".into(),
+                unix_ms: 2,
+            }],
+        })
+        .await
+        .expect("report a second provision-done");
+    let t = Instant::now();
+    loop {
+        let h = get_host(&c, leader, "bm-1").await.unwrap();
+        if h.labels["cloudstack.bridge.notified-event"] != before {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "late event not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sim.state.lock().unwrap().provision_done.len(), attempts);
+    assert_eq!(accepted_notifies(&sim), 1);
     sim.set("vms", vec![vm("Stopped")]);
     sync(&c);
     sim.set("vms", vec![vm("Starting")]);

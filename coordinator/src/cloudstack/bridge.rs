@@ -872,6 +872,24 @@ impl Bridge {
             if self.fence(st.term).await.is_err() {
                 return;
             }
+            let vm_state = h.labels.get(LABEL_VM_STATE).map(String::as_str);
+            if vm_state != Some("Starting") {
+                // CloudStack only waits for this while the instance starts;
+                // a late or repeated callback is recorded, not sent.
+                info!(host = %h.name, %mac, event = ev.id, state = vm_state.unwrap_or("?"), "cloudstack provision-done for an instance that is not Starting; not notified");
+                let mut h2 = h.clone();
+                h2.meta = Default::default();
+                h2.labels
+                    .insert(LABEL_NOTIFIED_EVENT.into(), ev.id.to_string());
+                if let Err(e) = self
+                    .write(st.term, Command::Put(vec![Record::Host(h2)]))
+                    .await
+                {
+                    warn!(host = %h.name, error = %e, "cloudstack notify: cannot record the skipped event");
+                    return;
+                }
+                continue;
+            }
             match notify_provision_done(&st.client, &mac).await {
                 Ok(()) => {
                     self.metrics
