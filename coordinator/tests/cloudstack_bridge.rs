@@ -346,24 +346,7 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
         "no jobs while stopped"
     );
 
-    // CloudStack starts the instance.
-    sim.set("vms", vec![vm("Starting")]);
-    let s = sync(&c);
-    assert_eq!(s["jobs_submitted"], 2, "{s}");
-    let jobs = jobs_of(&c, leader).await;
-    let actions: Vec<(&str, &str)> = jobs
-        .iter()
-        .map(|j| (j.host.as_str(), j.action.as_str()))
-        .collect();
-    assert_eq!(actions, [("bm-1", "bootdev-pxe"), ("bm-1", "power-on")]);
-    // Re-syncs while still Starting submit nothing more.
-    sync(&c);
-    sync(&c);
-    assert_eq!(jobs_of(&c, leader).await.len(), 2);
-
-    // The kickstart's provision-done callback, as the rack relay reports it;
-    // the first two notifications fail at CloudStack, then it accepts.
-    sim.state.lock().unwrap().job_failure = Some((530, "transient".into()));
+    // The rack's relay, through its own API (runs the jobs, reports events).
     let relay_tls = c.pki.tls(
         Role::Relay {
             rack: "rack-a".into(),
@@ -375,6 +358,35 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
         .await
         .unwrap();
     let mut relay = RelayServiceClient::new(ch);
+
+    // CloudStack starts the instance: boot device, then the power state.
+    sim.set("vms", vec![vm("Starting")]);
+    let s = sync(&c);
+    assert_eq!(s["jobs_submitted"], 2, "{s}");
+    let actions = |jobs: &[pb::Job]| -> Vec<String> {
+        jobs.iter()
+            .map(|j| format!("{} {}", j.host, j.action))
+            .collect()
+    };
+    assert_eq!(
+        actions(&jobs_of(&c, leader).await),
+        ["bm-1 bootdev-pxe", "bm-1 power-status"]
+    );
+    // The relay runs them: the host is off → power-on follows.
+    run_jobs(&mut relay, "power off").await;
+    wait_jobs(&c, leader, 3).await;
+    assert_eq!(
+        actions(&jobs_of(&c, leader).await),
+        ["bm-1 bootdev-pxe", "bm-1 power-status", "bm-1 power-on"]
+    );
+    // Re-syncs while still Starting submit nothing more.
+    sync(&c);
+    sync(&c);
+    assert_eq!(jobs_of(&c, leader).await.len(), 3);
+
+    // The kickstart's provision-done callback, as the rack relay reports it;
+    // the first two notifications fail at CloudStack, then it accepts.
+    sim.state.lock().unwrap().job_failure = Some((530, "transient".into()));
     relay
         .report_boot_events(pb::ReportBootEventsRequest {
             events: vec![pb::BootEvent {
@@ -450,8 +462,79 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
     sync(&c);
     sim.set("vms", vec![vm("Starting")]);
     let s = sync(&c);
-    assert_eq!(s["jobs_submitted"], 4, "{s}");
-    assert_eq!(jobs_of(&c, leader).await.len(), 4);
+    assert!(s["jobs_submitted"].as_u64().unwrap() >= 5, "{s}");
+    // This time the host is on: it is power-cycled (CloudStack's reboot).
+    run_jobs(&mut relay, "power on").await;
+    wait_jobs(&c, leader, 6).await;
+    let all = actions(&jobs_of(&c, leader).await);
+    assert_eq!(
+        all[3..],
+        ["bm-1 bootdev-pxe", "bm-1 power-status", "bm-1 power-cycle"]
+    );
+}
+
+/// Leases every queued job as the relay and reports it succeeded
+/// (`power-status` answering `status`).
+async fn run_jobs(relay: &mut RelayServiceClient<tonic::transport::Channel>, status: &str) {
+    // A host's jobs are leased one at a time, in order.
+    for _ in 0..10 {
+        let leased = relay
+            .lease_jobs(pb::LeaseJobsRequest {
+                max_jobs: 10,
+                lease_seconds: 30,
+                wait_ms: 1000,
+            })
+            .await
+            .expect("lease")
+            .into_inner()
+            .jobs;
+        let mut status_done = false;
+        for l in leased {
+            let j = l.job.expect("job");
+            status_done |= j.action == "power-status";
+            report(relay, &j, status).await;
+        }
+        if status_done {
+            return;
+        }
+    }
+    panic!("the power-status job was never leased");
+}
+
+async fn report(
+    relay: &mut RelayServiceClient<tonic::transport::Channel>,
+    j: &pb::Job,
+    status: &str,
+) {
+    {
+        let result = if j.action == "power-status" {
+            status.to_string()
+        } else {
+            "ok".to_string()
+        };
+        relay
+            .report_job(pb::ReportJobRequest {
+                job_id: j.id.clone(),
+                state: pb::JobState::Succeeded as i32,
+                reason: String::new(),
+                result,
+                attempts: j.attempts,
+                lease_seconds: 0,
+            })
+            .await
+            .expect("report");
+    }
+}
+
+async fn wait_jobs(c: &Cluster, id: u64, n: usize) {
+    let t = Instant::now();
+    while jobs_of(c, id).await.len() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "job {n} not submitted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -636,6 +636,15 @@ lease_seconds = 6
     let boot_at = calls.find("set boot").expect("boot device set");
     let power_at = calls.find("set power 1").expect("powered on");
     assert!(boot_at < power_at, "bootdev before power on:\n{calls}");
+    let jobs = lab.ctl_ok(&["job", "list"]);
+    let mut actions: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["action"].as_str().unwrap())
+        .collect();
+    actions.reverse(); // newest first
+    assert_eq!(actions, ["bootdev-pxe", "power-status", "power-on"]);
 
     // The kickstart's callback to the relay: one accepted notification.
     let http = format!("127.0.0.1:{http_port}");

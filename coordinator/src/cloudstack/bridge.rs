@@ -11,9 +11,10 @@
 //! 3. write racks, profiles, hosts (BMC password sealed with the cluster key,
 //!    the stored ciphertext kept when the password is the same), deletes,
 //!    each write preceded by the fence check;
-//! 4. instances that entered `Starting` get a `bootdev-pxe` then a `power-on`
-//!    job (idempotency keys `cs:<vm id>:start:<n>:...`, `n` a replicated
-//!    per-host start counter);
+//! 4. instances that entered `Starting` get `bootdev-pxe` and `power-status`
+//!    jobs, then `power-on` (host off) or `power-cycle` (host on) once the
+//!    status is known (idempotency keys `cs:<vm id>:start:<n>:...`, `n` a
+//!    replicated per-host start counter);
 //! 5. provision-done events of bridge hosts become `notifyBaremetalProvisionDone`
 //!    calls, retried with back-off; the accepted event id is replicated in a
 //!    host label so a new leader does not notify again.
@@ -47,8 +48,12 @@ use crate::state::{Command, Outcome};
 
 /// How many times the instance entered `Starting` (bridge-owned label).
 pub const LABEL_START_COUNT: &str = "cloudstack.bridge.start-count";
-/// The start counter whose IPMI jobs were submitted.
+/// The start counter whose bootdev and power-status jobs were submitted.
 pub const LABEL_START_JOBS: &str = "cloudstack.bridge.start-jobs";
+/// `<start counter>:<job id>` of that start's power-status job.
+pub const LABEL_STATUS_JOB: &str = "cloudstack.bridge.status-job";
+/// The start counter whose power-on / power-cycle job was submitted.
+pub const LABEL_START_POWER: &str = "cloudstack.bridge.start-power";
 /// The id of the last provision-done event CloudStack accepted.
 pub const LABEL_NOTIFIED_EVENT: &str = "cloudstack.bridge.notified-event";
 
@@ -297,6 +302,8 @@ struct Stint {
     /// The newest event id when the hosts were last scanned for
     /// provision-done without a failure (0: scan at the next tick).
     scanned_events: u64,
+    /// A start waits for its power-status job (checked every tick).
+    power_pending: bool,
     failing_since: Option<Instant>,
 }
 
@@ -404,6 +411,7 @@ impl Bridge {
                             notify_due: now,
                             notify_backoff: BACKOFF_INITIAL,
                             scanned_events: 0,
+                            power_pending: false,
                             failing_since: None,
                         });
                         self.metrics.active.set(1);
@@ -431,6 +439,20 @@ impl Bridge {
                     + 1;
                 self.sync_and_record(st, interval).await;
                 self.handle.shared.completed.send_modify(|n| *n = seq);
+            }
+            if st.power_pending {
+                match self.power_stage(st.term).await {
+                    Ok((n, pending)) => {
+                        st.power_pending = pending;
+                        if n > 0 {
+                            self.handle.update(|s| s.jobs_submitted += n);
+                        }
+                    }
+                    Err(BridgeError::Fenced(_)) => {}
+                    Err(e) => {
+                        warn!(error = %e, "cloudstack start: power job not submitted; retrying")
+                    }
+                }
             }
             if Instant::now() >= st.notify_due {
                 self.notify_pending(st).await;
@@ -486,6 +508,7 @@ impl Bridge {
                 // New records may carry events to notify.
                 st.notify_due = Instant::now();
                 st.scanned_events = 0;
+                st.power_pending = true;
                 self.handle.update(|s| {
                     s.state = "up".into();
                     s.last_sync_unix_ms = unix_ms();
@@ -785,8 +808,11 @@ impl Bridge {
         Ok(image)
     }
 
-    /// Bootdev-pxe then power-on for every bridge host whose instance is
-    /// `Starting` and whose current start has no jobs yet.
+    /// CloudStack's order for an instance that is `Starting`: boot device
+    /// PXE, then power on — or reboot when the host is already on. Stage one
+    /// submits `bootdev-pxe` and `power-status` (the relay runs a host's jobs
+    /// in order); `power_stage` then submits `power-on` or `power-cycle` from
+    /// the status read back.
     async fn start_jobs(&self, term: u64, changed: &mut u64) -> Result<u64, BridgeError> {
         let mut submitted = 0;
         for h in self.current_hosts()? {
@@ -803,30 +829,111 @@ impl Bridge {
             if h.labels.get(LABEL_START_JOBS) == Some(count) {
                 continue;
             }
-            for (action, suffix) in [("bootdev-pxe", "bootdev"), ("power-on", "power")] {
+            let mut status_job = String::new();
+            for (action, suffix) in [("bootdev-pxe", "bootdev"), ("power-status", "status")] {
                 let key = format!("cs:{vm}:start:{count}:{suffix}");
-                self.fence(term).await?;
-                self.node
-                    .propose(&Command::Jobs(JobCommand::Submit {
-                        action: action.into(),
-                        args: BTreeMap::new(),
-                        hosts: vec![h.name.clone()],
-                        idempotency_key: key.clone(),
-                        now_ms: unix_ms(),
-                    }))
-                    .await?;
+                let id = self.submit(term, &h.name, action, &key).await?;
                 submitted += 1;
-                self.metrics.jobs_submitted.inc();
-                info!(host = %h.name, vm = %vm, action, idempotency_key = %key, "cloudstack instance starting: job submitted");
+                info!(host = %h.name, vm = %vm, action, job = %id, idempotency_key = %key, "cloudstack instance starting: job submitted");
+                status_job = id;
             }
             let mut h2 = h.clone();
             h2.meta = Default::default();
             h2.labels.insert(LABEL_START_JOBS.into(), count.clone());
+            h2.labels
+                .insert(LABEL_STATUS_JOB.into(), format!("{count}:{status_job}"));
             *changed += self
                 .write(term, Command::Put(vec![Record::Host(h2)]))
                 .await?;
         }
         Ok(submitted)
+    }
+
+    /// Submits one job (idempotent by `key`); returns its id.
+    async fn submit(
+        &self,
+        term: u64,
+        host: &str,
+        action: &str,
+        key: &str,
+    ) -> Result<String, BridgeError> {
+        self.fence(term).await?;
+        let out = self
+            .node
+            .propose(&Command::Jobs(JobCommand::Submit {
+                action: action.into(),
+                args: BTreeMap::new(),
+                hosts: vec![host.to_string()],
+                idempotency_key: key.to_string(),
+                now_ms: unix_ms(),
+            }))
+            .await?;
+        self.metrics.jobs_submitted.inc();
+        Ok(out
+            .records
+            .iter()
+            .find_map(|r| match r {
+                Record::Job(j) => Some(j.id.clone()),
+                _ => None,
+            })
+            .unwrap_or_default())
+    }
+
+    /// Stage two of a start: once the `power-status` job finished, `power-cycle`
+    /// a host that is on, `power-on` one that is off (or whose status could
+    /// not be read). Returns the jobs submitted and whether a status job is
+    /// still unfinished.
+    async fn power_stage(&self, term: u64) -> Result<(u64, bool), BridgeError> {
+        let mut submitted = 0;
+        let mut pending = false;
+        for h in self.current_hosts()? {
+            let (Some(vm), Some(state)) = (h.labels.get(LABEL_VM_ID), h.labels.get(LABEL_VM_STATE))
+            else {
+                continue;
+            };
+            let (Some(count), Some(status)) = (
+                h.labels.get(LABEL_START_JOBS),
+                h.labels.get(LABEL_STATUS_JOB),
+            ) else {
+                continue;
+            };
+            if state != "Starting" || h.labels.get(LABEL_START_POWER) == Some(count) {
+                continue;
+            }
+            let Some((n, job_id)) = status.split_once(':') else {
+                continue;
+            };
+            if n != count {
+                continue;
+            }
+            let job = match self.node.state().get(Kind::Job, job_id)? {
+                Some(Record::Job(j)) => Some(j),
+                _ => None,
+            };
+            let action = match &job {
+                Some(j) if !crate::jobs::is_terminal(j.state) => {
+                    pending = true;
+                    continue;
+                }
+                Some(j)
+                    if j.state == crate::model::JobState::Succeeded
+                        && j.result.trim().ends_with("on") =>
+                {
+                    "power-cycle"
+                }
+                _ => "power-on",
+            };
+            let key = format!("cs:{vm}:start:{count}:power");
+            let id = self.submit(term, &h.name, action, &key).await?;
+            submitted += 1;
+            info!(host = %h.name, vm = %vm, action, job = %id, power_was = %job.as_ref().map(|j| j.result.as_str()).unwrap_or("?"), idempotency_key = %key, "cloudstack instance starting: job submitted");
+            let mut h2 = h.clone();
+            h2.meta = Default::default();
+            h2.labels.insert(LABEL_START_POWER.into(), count.clone());
+            self.write(term, Command::Put(vec![Record::Host(h2)]))
+                .await?;
+        }
+        Ok((submitted, pending))
     }
 
     /// Provision-done events of bridge hosts → notifyBaremetalProvisionDone.
