@@ -450,7 +450,9 @@ impl Bridge {
                     }
                     Err(BridgeError::Fenced(_)) => {}
                     Err(e) => {
-                        warn!(error = %e, "cloudstack start: power job not submitted; retrying")
+                        // Tried again after the next sync, not every tick.
+                        st.power_pending = false;
+                        warn!(error = %e, "cloudstack start: power job not submitted; retried after the next sync");
                     }
                 }
             }
