@@ -14,6 +14,11 @@ child process (a command line is visible to every local user); `interface`
 is accepted and ignored (the relay picks lanplus and the cipher suite from
 the host record).
 
+`ping` of a BMC no pxemesh host has yet (CloudStack's addHost checks the BMC
+before the bridge can know the host) runs ipmitool directly, like the
+original, with the password in IPMI_PASSWORD (`-E`) and PXEMESH_IPMI_PORT
+(default 623); every other sub-command needs the host in pxemesh.
+
 Exit status and output follow the original: 0 on success (`ping` and
 `power action=status` print ipmitool's "Chassis Power is on|off" line), 1 with
 a message on stderr otherwise.
@@ -25,6 +30,7 @@ PXEMESH_TLS_DIR, PXEMESH_CERT_STEM and PXEMESHCTL in the environment or
 """
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,9 +55,12 @@ def parse(argv):
 
 
 def find_host(bmc):
+    """The pxemesh host with this BMC address, or None when there is none."""
     p = w.ctl("host", "find", "--bmc", bmc, check=False)
     if p.returncode != 0:
-        w.fail("no pxemesh host has BMC address %s (%s)" % (bmc, (p.stderr or p.stdout).strip()))
+        if "no host has BMC address" in p.stderr:
+            return None
+        w.fail("looking up BMC address %s: %s" % (bmc, (p.stderr or p.stdout).strip()))
     names = json.loads(p.stdout).get("hosts", [])
     if len(names) != 1:
         w.fail("BMC address %s belongs to %d pxemesh hosts: %s" % (bmc, len(names), ", ".join(names)))
@@ -82,9 +91,36 @@ def power_state(host):
     return state
 
 
+def direct_ping(params):
+    """`ping` of a BMC pxemesh does not know yet: CloudStack checks a new
+    host's BMC (addHost) before any listing can show it to the bridge. Run
+    ipmitool like the original, the password in the environment (-E), never
+    on the command line."""
+    cmd = ["ipmitool"]
+    iface = params.get("interface", "")
+    if iface and iface != "default":
+        cmd += ["-I", iface]
+    cmd += ["-H", params["hostname"], "-p", os.environ.get("PXEMESH_IPMI_PORT", "623"),
+            "-U", params.get("usrname", ""), "-E", "chassis", "power", "status"]
+    env = dict(os.environ, IPMI_PASSWORD=params.get("password", ""))
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        w.fail("running ipmitool: %s" % e)
+    if p.returncode != 0:
+        w.fail("no pxemesh host has BMC address %s, and ipmitool failed: %s"
+               % (params["hostname"], p.stderr.strip() or p.stdout.strip()))
+    print(p.stdout.strip())
+    return 0
+
+
 def main(argv):
     cmd, params = parse(argv)
     host = find_host(params["hostname"])
+    if host is None:
+        if cmd == "ping":
+            return direct_ping(params)
+        w.fail("no pxemesh host has BMC address %s" % params["hostname"])
     if cmd == "ping":
         print("Chassis Power is %s" % power_state(host))
     elif cmd == "boot_dev":

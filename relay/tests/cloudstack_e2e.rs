@@ -150,8 +150,8 @@ struct Bmc {
 }
 
 impl Bmc {
-    fn start(root: &Path, addr: &str, port: u16) -> Bmc {
-        let dir = root.join("bmc");
+    fn start(root: &Path, name: &str, addr: &str, port: u16) -> Bmc {
+        let dir = root.join(name);
         fs::create_dir_all(dir.join("state")).unwrap();
         let script = dir.join("chassis.sh");
         fs::write(
@@ -283,7 +283,7 @@ impl Lab {
         fs::read_to_string(self.path(name)).unwrap_or_default()
     }
 
-    fn ipmi_py(&self, args: &[&str]) -> (i32, String, String) {
+    fn ipmi_py(&self, args: &[&str], port: u16) -> (i32, String, String) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cloudstack/ipmi.py");
         let out = Command::new("python3")
             .arg(script)
@@ -293,6 +293,7 @@ impl Lab {
             .env("PXEMESH_TLS_DIR", self.dir.path())
             .env("PXEMESH_CERT_STEM", "admin")
             .env("PXEMESH_IPMI_TIMEOUT", "60")
+            .env("PXEMESH_IPMI_PORT", port.to_string())
             .output()
             .expect("python3 ipmi.py");
         (
@@ -426,7 +427,10 @@ fn cloudstack_instance_boots_through_the_relay_and_ipmi_py_drives_the_bmc() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     let bmc_port = free_udp();
-    let bmc = Bmc::start(&d, BMC_IP, bmc_port);
+    let bmc = Bmc::start(&d, "bmc1", BMC_IP, bmc_port);
+    // bm-2's BMC: CloudStack knows it, pxemesh has no host record for it.
+    let bmc2_port = free_udp();
+    let _bmc2 = Bmc::start(&d, "bmc2", "127.0.0.12", bmc2_port);
 
     let ca = Ca::generate(TD, 1).unwrap();
     ca.save(&d).unwrap();
@@ -669,7 +673,7 @@ lease_seconds = 6
         a.extend_from_slice(&creds);
         a.extend_from_slice(extra);
         a.push("interface=lanplus");
-        lab.ipmi_py(&a)
+        lab.ipmi_py(&a, 623)
     };
     let (code, out, err) = run("power", &["action=off"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -686,14 +690,49 @@ lease_seconds = 6
     assert_eq!(bmc.read("power"), "1", "off → power on");
     let (code, out, _) = run("power", &["action=status"]);
     assert_eq!((code, out.trim()), (0, "Chassis Power is on"));
-    // A BMC pxemesh does not know: exit 1 with a message.
-    let (code, _, err) =
-        lab.ipmi_py(&["ping", "hostname=127.0.0.99", "usrname=admin", "password=x"]);
+    // A BMC pxemesh does not know: power actions exit 1 with a message...
+    let (code, _, err) = lab.ipmi_py(
+        &[
+            "power",
+            "hostname=127.0.0.99",
+            "usrname=admin",
+            "password=x",
+            "action=on",
+        ],
+        623,
+    );
     assert_eq!(code, 1);
     assert!(
         err.contains("no pxemesh host has BMC address 127.0.0.99"),
         "{err}"
     );
+    // ...while `ping` (CloudStack's addHost check, before the bridge can know
+    // the host) asks the BMC directly, the password in the environment.
+    let pw_arg = format!("password={BMC_PW}");
+    let (code, out, err) = lab.ipmi_py(
+        &[
+            "ping",
+            "hostname=127.0.0.12",
+            "usrname=admin",
+            &pw_arg,
+            "interface=lan",
+        ],
+        bmc2_port,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "Chassis Power is off");
+    let (code, _, err) = lab.ipmi_py(
+        &[
+            "ping",
+            "hostname=127.0.0.12",
+            "usrname=admin",
+            "password=wrong-pw",
+            "interface=lan",
+        ],
+        bmc2_port,
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("ipmitool failed"), "{err}");
 
     // The password never reached a child's command line or a log.
     let argv = fs::read_to_string(&argv_log).unwrap();

@@ -224,20 +224,18 @@ impl BridgeHandle {
     /// Runs a sync now (on the node running the bridge) and returns the
     /// status after it.
     pub async fn sync_now(&self, timeout: Duration) -> Result<BridgeStatus, BridgeError> {
-        let st = self.status();
-        if !st.active {
-            return Err(BridgeError::NotActive {
-                leader: st.leader_id,
-            });
-        }
         let mut rx = self.shared.completed.subscribe();
         let want = self
             .shared
             .started
             .load(std::sync::atomic::Ordering::SeqCst)
             + 1;
+        // The loop answers a trigger at once: a sync on the leader (also one
+        // that has just been elected and not yet noticed it), a wake-up
+        // elsewhere.
         self.shared.trigger.notify_one();
         let waited = tokio::time::timeout(timeout, async {
+            rx.changed().await?;
             rx.wait_for(|n| *n >= want || !self.status().active)
                 .await
                 .map(|_| ())
@@ -369,6 +367,9 @@ impl Bridge {
                     stint = None;
                     self.metrics.active.set(0);
                     self.metrics.up.set(0);
+                    self.handle.update(|s| s.active = false);
+                    // Waiters for a sync learn that it will not happen here.
+                    self.handle.shared.completed.send_modify(|_| {});
                 }
                 (None, _) => {}
             }
