@@ -569,7 +569,11 @@ impl Bridge {
         if s.role != "leader" || s.term != term {
             return Err(BridgeError::Fenced(term));
         }
-        self.node.read_barrier().await?;
+        // No quorum confirms this leader: act as fenced (not a CloudStack
+        // failure; the loop checks leadership again at the next tick).
+        if self.node.read_barrier().await.is_err() {
+            return Err(BridgeError::Fenced(term));
+        }
         let s = self.node.status().await?;
         if s.role != "leader" || s.term != term {
             return Err(BridgeError::Fenced(term));
