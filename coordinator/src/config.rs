@@ -91,6 +91,10 @@ pub struct Config {
     /// Resource limits (free disk space, gRPC message sizes, per-connection streams).
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// CloudStack bridge (`[cloudstack]`, see deploy/cloudstack.example.toml);
+    /// the Raft leader runs it.
+    #[serde(default)]
+    pub cloudstack: Option<crate::cloudstack::CloudStackConfig>,
 }
 
 impl Config {

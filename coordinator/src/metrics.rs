@@ -33,6 +33,7 @@ pub struct Metrics {
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
     pub images: crate::images::ImageMetrics,
+    pub cloudstack: crate::cloudstack::bridge::BridgeMetrics,
 }
 
 impl Metrics {
@@ -58,6 +59,7 @@ impl Metrics {
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             images: Default::default(),
+            cloudstack: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -147,6 +149,7 @@ impl Metrics {
             m.auth_denied.clone(),
         );
         m.images.register(&mut registry);
+        m.cloudstack.register(&mut registry);
         Metrics { registry, ..m }
     }
 

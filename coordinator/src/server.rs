@@ -130,13 +130,26 @@ pub async fn run(
         tracker.clone(),
     );
     let blobs = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
+    let bridge = match config.cloudstack.clone() {
+        Some(cs) => {
+            let (bridge, handle) = crate::cloudstack::bridge::Bridge::new(
+                node.clone(),
+                key.clone(),
+                cs,
+                metrics.cloudstack.clone(),
+                blobs.clone(),
+            )
+            .map_err(|e| CoordError::Config(format!("[cloudstack]: {e}")))?;
+            tracker.spawn(bridge.run(shutdown.clone()));
+            Some(handle)
+        }
+        None => None,
+    };
     let limits = config.limits.clone();
-    let admin = AdminServiceServer::new(AdminApi::new(
-        node.clone(),
-        key.clone(),
-        blobs.clone(),
-        metrics.clone(),
-    ))
+    let admin = AdminServiceServer::new(
+        AdminApi::new(node.clone(), key.clone(), blobs.clone(), metrics.clone())
+            .with_cloudstack(bridge),
+    )
     .max_decoding_message_size(limits.max_request_bytes)
     .max_encoding_message_size(limits.max_response_bytes);
     let raft = RaftServiceServer::new(RaftApi::new(node.clone()))

@@ -55,3 +55,23 @@ impl From<CoordError> for Status {
         to_status(e)
     }
 }
+
+/// CloudStack bridge errors: "not here" is UNAVAILABLE so clients move on to
+/// the next endpoint (the leader runs the bridge).
+pub fn bridge_status(e: crate::cloudstack::bridge::BridgeError) -> Status {
+    use crate::cloudstack::bridge::BridgeError as B;
+    match e {
+        e @ (B::NotActive { .. } | B::Fenced(_)) => Status::unavailable(e.to_string()),
+        e @ B::NotConfigured => Status::failed_precondition(e.to_string()),
+        e @ B::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        e @ B::CloudStack(_) => Status::failed_precondition(e.to_string()),
+        B::Coord(c) => to_status(c),
+        e @ B::Config(_) => Status::internal(e.to_string()),
+    }
+}
+
+impl From<crate::cloudstack::bridge::BridgeError> for Status {
+    fn from(e: crate::cloudstack::bridge::BridgeError) -> Status {
+        bridge_status(e)
+    }
+}
