@@ -10,6 +10,7 @@
 //! the sockets and receive loops.
 
 pub mod handler;
+pub mod leaselog;
 pub mod leases;
 pub mod packet;
 
