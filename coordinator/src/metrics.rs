@@ -28,6 +28,8 @@ pub struct Metrics {
     pub snapshot_bytes: Gauge,
     pub compactions: Counter,
     pub log_syncs: Counter,
+    pub storage_failures: Counter,
+    pub wall_clock_step_ms: Gauge,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
     pub images: crate::images::ImageMetrics,
@@ -51,6 +53,8 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             compactions: Counter::default(),
             log_syncs: Counter::default(),
+            storage_failures: Counter::default(),
+            wall_clock_step_ms: Gauge::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             images: Default::default(),
@@ -128,6 +132,16 @@ impl Metrics {
             m.log_syncs.clone(),
         );
         registry.register(
+            "wall_clock_step_ms",
+            "How far the system clock was stepped since start (job leases keep the start-time clock)",
+            m.wall_clock_step_ms.clone(),
+        );
+        registry.register(
+            "storage_failures",
+            "Raft actor stops caused by a storage error (disk full, I/O error)",
+            m.storage_failures.clone(),
+        );
+        registry.register(
             "auth_denied",
             "Calls refused by authorization",
             m.auth_denied.clone(),
@@ -137,6 +151,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.wall_clock_step_ms.set(crate::clock::step_ms());
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

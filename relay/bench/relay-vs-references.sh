@@ -545,6 +545,9 @@ relay_content_start() { # relay_content_start tftp|http -> STARTED
             printf '[tftp]\nenabled = false\n[http]\nlisten = "127.0.0.1:80"\n'
         fi
         printf '[boot]\ndir = "%s"\n' "$CONTENT/root"
+        # Every benchmark client shares one address (127.0.0.1): lift the
+        # per-client caps, as the references' caps are lifted above/below.
+        printf '[limits]\ntftp_per_client = 0\nhttp_per_client = 0\n'
     } >"$d/relay.toml"
     start "$NS_T" "$d/relay.log" "$RELAY" --config "$d/relay.toml" --log "$RELAY_LOG"
     if [ "$what" = tftp ]; then

@@ -347,14 +347,30 @@ impl EventLog {
 pub async fn flush_loop(log: Arc<EventLog>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A failing disk fails every retry: log once a minute, not every 200 ms.
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut failed_since_warn = 0u64;
     loop {
         let stop = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
         if stop || log.dirty.load(Ordering::Acquire) {
-            if let Err(e) = log.flush().await {
-                warn!(error = %e, "cannot flush the boot event journal");
+            match log.flush().await {
+                Err(e) => {
+                    failed_since_warn += 1;
+                    if last_warn.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                        warn!(error = %e, failures = failed_since_warn, "cannot flush the boot event journal (logged once a minute while it fails)");
+                        last_warn = Some(std::time::Instant::now());
+                        failed_since_warn = 0;
+                    }
+                }
+                Ok(()) => {
+                    if last_warn.take().is_some() {
+                        info!("boot event journal flushes again");
+                    }
+                    failed_since_warn = 0;
+                }
             }
         }
         if stop {

@@ -48,6 +48,7 @@ pub async fn run(
     config.validate()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)?;
+    crate::limits::check_startup_space(&config.data_dir)?;
     let db = sled::Config::new()
         .path(config.data_dir.join("sled"))
         .open()?;

@@ -98,6 +98,10 @@ pub async fn run(
         shutdown.cancelled().await;
         return Ok(());
     }
+    let guard = Arc::new(crate::limits::DhcpGuard::new(
+        &ctx.config.limits,
+        ctx.metrics.clone(),
+    ));
     let server = Arc::new(Server::new(ctx));
     // A loop that dies stops its siblings (not the rest of the relay).
     let stop = shutdown.child_token();
@@ -106,6 +110,7 @@ pub async fn run(
         info!(interface = %iface.name, address = %iface.address, port = sock.local_addr().map(|a| a.port()).unwrap_or(0), "dhcp: serving");
         loops.spawn(serve_socket(
             server.clone(),
+            guard.clone(),
             iface,
             Arc::new(sock),
             stop.clone(),
@@ -126,11 +131,13 @@ pub async fn run(
 
 async fn serve_socket(
     server: Arc<Server>,
+    guard: Arc<crate::limits::DhcpGuard>,
     iface: Interface,
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
 ) {
-    let mut buf = vec![0u8; RECV_BUF];
+    // One byte more than we accept: a datagram that fills it was oversize.
+    let mut buf = vec![0u8; RECV_BUF + 1];
     // Group commit: replies that need a durable lease wait in this queue; one
     // flusher makes everything queued so far durable with a single flush and
     // then sends all of it. A full queue applies back-pressure to receiving.
@@ -167,7 +174,13 @@ async fn serve_socket(
             r = sock.recv_from(&mut buf) => r,
         };
         let n = match received {
-            Ok((n, _peer)) => n,
+            Ok((n, peer)) => {
+                // Flood control and shape checks (limits.rs), before decoding.
+                if !guard.admit(&buf[..n], buf.len(), peer, std::time::Instant::now()) {
+                    continue;
+                }
+                n
+            }
             Err(e) => {
                 let now = unix_now();
                 if now >= last_error_log + 60 {
