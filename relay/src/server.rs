@@ -111,7 +111,7 @@ pub async fn run(
         let ctx = Arc::new(DhcpContext {
             config: config.clone(),
             state: state.clone(),
-            leases: Leases::open(&db)?,
+            leases: Leases::open(&config.data_dir, Some(&db))?,
             events: events.clone(),
             metrics: metrics.clone(),
             loaders: loaders.clone(),

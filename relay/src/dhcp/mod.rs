@@ -10,6 +10,7 @@
 //! the sockets and receive loops.
 
 pub mod handler;
+pub mod leaselog;
 pub mod leases;
 pub mod packet;
 
@@ -47,8 +48,12 @@ pub struct DhcpContext {
 
 /// Largest datagram read (jumbo-frame DHCP is still far below this).
 const RECV_BUF: usize = 4096;
-/// Replies waiting for a lease flush, per socket; more wait for a slot.
-const MAX_PENDING_FLUSHES: usize = 256;
+/// Replies waiting for a lease flush, per socket (each a few hundred bytes).
+/// When it is full the reply is dropped and counted
+/// (`dhcp_messages{outcome="dropped-flush-backlog"}`): the client retransmits
+/// its REQUEST, and receiving never stops behind a slow disk (DISCOVERs
+/// need no flush and keep being answered).
+const MAX_PENDING_FLUSHES: usize = 4096;
 
 /// Bind the DHCP socket of one interface: `0.0.0.0:port`, SO_REUSEADDR,
 /// SO_BROADCAST, SO_BINDTODEVICE (skipped for "lo" or an empty name, for
@@ -161,6 +166,7 @@ async fn serve_socket(
         })
     };
     let mut last_error_log = 0u64;
+    let mut last_backlog_log = 0u64;
     loop {
         let received = tokio::select! {
             biased;
@@ -197,9 +203,18 @@ async fn serve_socket(
             continue;
         }
         // A new or renewed pool lease: durable before the client hears of it.
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            r = durable_tx.send(out) => if r.is_err() { break },
+        match durable_tx.try_send(out) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                // Only bound leases need a flush: those are REQUEST answers.
+                server.ctx.metrics.dhcp("request", "dropped-flush-backlog");
+                let now = unix_now();
+                if now >= last_backlog_log + 60 {
+                    warn!(interface = %iface.name, queued = MAX_PENDING_FLUSHES, "dhcp: lease flushes are behind (slow disk?); dropping replies that need one until they catch up");
+                    last_backlog_log = now;
+                }
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
     // Let the flusher finish what is queued, bounded.
