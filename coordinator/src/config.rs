@@ -66,9 +66,14 @@ pub struct Config {
     /// Address other nodes and clients use to reach this node (default: `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
-    /// Plain-HTTP Prometheus endpoint; keep it on loopback or a management network.
+    /// Plain-HTTP Prometheus endpoint (unauthenticated). Must be a loopback
+    /// address unless `metrics_allow_remote = true`.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Allow `metrics_listen` on a non-loopback address (a management network
+    /// you trust: anyone who reaches it reads the metrics).
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
     pub data_dir: PathBuf,
     pub cluster_key_file: PathBuf,
     pub tls: TlsConfig,
@@ -83,6 +88,13 @@ pub struct Config {
     /// Image store: replication, garbage collection, scrubbing.
     #[serde(default)]
     pub images: crate::images::ImagesConfig,
+    /// Resource limits (free disk space, gRPC message sizes, per-connection streams).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
+    /// CloudStack bridge (`[cloudstack]`, see deploy/cloudstack.example.toml);
+    /// the Raft leader runs it.
+    #[serde(default)]
+    pub cloudstack: Option<crate::cloudstack::CloudStackConfig>,
 }
 
 impl Config {
@@ -126,6 +138,14 @@ impl Config {
                 self.node_id
             ));
         }
+        if let Some(m) = self.metrics_listen {
+            if !m.ip().is_loopback() && !self.metrics_allow_remote {
+                return bad(format!(
+                    "metrics_listen = {m} is not a loopback address; the metrics endpoint is unauthenticated, so bind it to 127.0.0.1/::1 or set metrics_allow_remote = true"
+                ));
+            }
+        }
+        self.limits.validate()?;
         let r = &self.raft;
         if r.tick_ms == 0 || r.heartbeat_ticks == 0 || r.election_ticks <= r.heartbeat_ticks {
             return bad("raft: need tick_ms > 0 and election_ticks > heartbeat_ticks > 0".into());
@@ -198,6 +218,20 @@ catchup_entries = 10
             .unwrap_err()
             .to_string()
             .contains("not in [[peers]]"));
+        // The unauthenticated metrics endpoint stays on loopback unless allowed.
+        let mut m = c.clone();
+        m.metrics_listen = Some("127.0.0.1:9100".parse().unwrap());
+        m.validate().unwrap();
+        m.metrics_listen = Some("[::1]:9100".parse().unwrap());
+        m.validate().unwrap();
+        for public in ["0.0.0.0:9100", "192.0.2.7:9100", "[::]:9100"] {
+            m.metrics_listen = Some(public.parse().unwrap());
+            m.metrics_allow_remote = false;
+            let e = m.validate().unwrap_err().to_string();
+            assert!(e.contains("not a loopback address"), "{e}");
+            m.metrics_allow_remote = true;
+            m.validate().unwrap();
+        }
         let err = Config::from_toml(&SAMPLE.replace("node_id", "nodeid")).unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
         // A joining node needs the running members' addresses to answer them.

@@ -55,6 +55,13 @@ pub enum CoordError {
     Upstream(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The data disk is (nearly) full; writes are refused until space is freed.
+    #[error("disk full: {0}")]
+    DiskFull(String),
+    /// The Raft node stopped after a storage failure it cannot recover from
+    /// in-process (the process exits; a restart recovers from the durable log).
+    #[error("storage failure, this node is stopping: {0}")]
+    StorageFailed(String),
     #[error(transparent)]
     Blob(#[from] crate::blobs::BlobError),
 }

@@ -6,14 +6,17 @@
 pub mod api;
 pub mod blobs;
 pub mod client;
+pub mod clock;
 pub mod cloudstack;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod failpoint;
 pub mod imagepush;
 pub mod images;
 pub mod import;
 pub mod jobs;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod node;

@@ -28,9 +28,12 @@ pub struct Metrics {
     pub snapshot_bytes: Gauge,
     pub compactions: Counter,
     pub log_syncs: Counter,
+    pub storage_failures: Counter,
+    pub wall_clock_step_ms: Gauge,
     pub rpcs: Family<RpcLabels, Counter>,
     pub auth_denied: Counter,
     pub images: crate::images::ImageMetrics,
+    pub cloudstack: crate::cloudstack::bridge::BridgeMetrics,
 }
 
 impl Metrics {
@@ -51,9 +54,12 @@ impl Metrics {
             snapshot_bytes: Gauge::default(),
             compactions: Counter::default(),
             log_syncs: Counter::default(),
+            storage_failures: Counter::default(),
+            wall_clock_step_ms: Gauge::default(),
             rpcs: Family::default(),
             auth_denied: Counter::default(),
             images: Default::default(),
+            cloudstack: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,15 +134,27 @@ impl Metrics {
             m.log_syncs.clone(),
         );
         registry.register(
+            "wall_clock_step_ms",
+            "How far the system clock was stepped since start (job leases keep the start-time clock)",
+            m.wall_clock_step_ms.clone(),
+        );
+        registry.register(
+            "storage_failures",
+            "Raft actor stops caused by a storage error (disk full, I/O error)",
+            m.storage_failures.clone(),
+        );
+        registry.register(
             "auth_denied",
             "Calls refused by authorization",
             m.auth_denied.clone(),
         );
         m.images.register(&mut registry);
+        m.cloudstack.register(&mut registry);
         Metrics { registry, ..m }
     }
 
     pub fn render(&self) -> String {
+        self.wall_clock_step_ms.set(crate::clock::step_ms());
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             out.clear();

@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as _;
@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::error::{CoordError, StateError};
+use crate::failpoint;
+use crate::limits::{self, DiskGuard};
 use crate::metrics::Metrics;
 use crate::state::{ApplyOutcome, Command, Pending, State};
 use crate::storage::RaftStore;
@@ -126,6 +128,32 @@ pub struct NodeHandle {
     state: State,
     timeout: Duration,
     id: u64,
+    disk: Option<DiskGuard>,
+    fatal: Arc<OnceLock<Fatal>>,
+}
+
+/// Why the actor stopped on its own (a storage failure).
+#[derive(Debug, Clone)]
+pub struct Fatal {
+    pub disk_full: bool,
+    pub message: String,
+}
+
+impl Fatal {
+    fn of(e: &CoordError) -> Fatal {
+        Fatal {
+            disk_full: limits::is_disk_full(e),
+            message: e.to_string(),
+        }
+    }
+
+    fn error(&self) -> CoordError {
+        if self.disk_full {
+            CoordError::DiskFull(self.message.clone())
+        } else {
+            CoordError::StorageFailed(self.message.clone())
+        }
+    }
 }
 
 impl NodeHandle {
@@ -142,15 +170,27 @@ impl NodeHandle {
         self.applied.clone()
     }
 
+    /// The storage failure that stopped the actor, if any.
+    pub fn fatal(&self) -> Option<Fatal> {
+        self.fatal.get().cloned()
+    }
+
+    fn stopped(&self) -> CoordError {
+        match self.fatal.get() {
+            Some(f) => f.error(),
+            None => CoordError::Stopped,
+        }
+    }
+
     async fn ask<T>(
         &self,
         req: Request,
         rx: oneshot::Receiver<Result<T, CoordError>>,
     ) -> Result<T, CoordError> {
-        self.tx.send(req).await.map_err(|_| CoordError::Stopped)?;
+        self.tx.send(req).await.map_err(|_| self.stopped())?;
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(CoordError::Stopped),
+            Ok(Err(_)) => Err(self.stopped()),
             Err(_) => Err(CoordError::Timeout(self.timeout)),
         }
     }
@@ -159,6 +199,9 @@ impl NodeHandle {
     /// follower is forwarded to the leader by raft-rs; the reply still comes from
     /// this node's own apply.
     pub async fn propose(&self, cmd: &Command) -> Result<ApplyOutcome, CoordError> {
+        if let Some(g) = &self.disk {
+            g.check()?;
+        }
         let data = serde_json::to_vec(cmd)?;
         let (reply, rx) = oneshot::channel();
         Ok(self.ask(Request::Propose { data, reply }, rx).await??)
@@ -220,6 +263,8 @@ pub struct NodeOptions {
     /// Join an existing cluster instead of bootstrapping one.
     pub join: bool,
     pub settings: RaftSettings,
+    /// Free-space check before each proposal (None: no check).
+    pub disk: Option<DiskGuard>,
 }
 
 pub(crate) struct Node {
@@ -236,6 +281,7 @@ pub(crate) struct Node {
     removed: bool,
     last_leader: u64,
     last_term: u64,
+    fatal: Arc<OnceLock<Fatal>>,
 }
 
 struct SlogToTracing;
@@ -329,12 +375,15 @@ pub(crate) fn start(
     let raw = RawNode::new(&cfg, store.clone(), &logger)?;
     let removed = store.is_removed()?;
     let (applied_tx, applied_rx) = watch::channel(applied);
+    let fatal = Arc::new(OnceLock::new());
     let handle = NodeHandle {
         tx,
         applied: applied_rx,
         state: state.clone(),
         timeout: opts.settings.proposal_timeout,
         id: opts.id,
+        disk: opts.disk.clone(),
+        fatal: fatal.clone(),
     };
     let mut node = Node {
         raw,
@@ -344,17 +393,17 @@ pub(crate) fn start(
         settings: opts.settings,
         waiters: HashMap::new(),
         // Sequence numbers must never repeat across restarts: an old entry in
-        // the log carrying a reused one would answer a new waiter.
-        next_seq: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1),
+        // the log carrying a reused one would answer a new waiter. A random
+        // start (not the wall clock, which may jump back across a restart)
+        // makes a collision with an earlier run's 2^64 space negligible.
+        next_seq: rand::random::<u64>(),
         applied_tx,
         metrics,
         messages_received: Arc::new(AtomicU64::new(0)),
         removed,
         last_leader: 0,
         last_term: 0,
+        fatal,
     };
     for (id, addr) in node.state.peers()? {
         if id != opts.id {
@@ -426,14 +475,25 @@ impl Node {
                 }
             }
             if let Err(e) = self.on_ready() {
-                // Storage failures leave the node unable to keep its promises;
-                // stop rather than continue with an unknown on-disk state.
-                error!(error = %e, "raft node stopping: storage failure in the ready loop");
+                // Storage failures leave the node unable to keep its promises
+                // (a partly written WAL record must not be written again after
+                // it): stop, and stop the process, rather than continue with
+                // an unknown on-disk state. A restart replays the durable log
+                // and cuts a torn tail.
+                let fatal = Fatal::of(&e);
+                error!(error = %e, disk_full = fatal.disk_full, "raft node stopping: storage failure in the ready loop");
+                self.metrics.storage_failures.inc();
+                let _ = self.fatal.set(fatal);
+                shutdown.cancel();
                 break;
             }
         }
+        let fatal = self.fatal.get().cloned();
         for (_, (w, _)) in self.waiters.drain() {
-            fail(w, || CoordError::Stopped);
+            match &fatal {
+                Some(f) => fail(w, || f.error()),
+                None => fail(w, || CoordError::Stopped),
+            }
         }
         self.transport.shutdown();
         info!(node = self.id(), "raft node stopped");
@@ -605,6 +665,10 @@ impl Node {
             self.store.sync()?;
             self.metrics.log_syncs.inc();
         }
+        if !ready.entries().is_empty() {
+            // Entries durable here, not yet acknowledged to the leader.
+            failpoint::hit("after_log_append");
+        }
         if !ready.persisted_messages().is_empty() {
             let msgs = ready.take_persisted_messages();
             self.send(msgs);
@@ -632,8 +696,34 @@ impl Node {
             return Ok(());
         };
         let last_index = last.index;
-        let mut pending = Pending::default();
+        // Committed (durable on a quorum), not yet applied here.
+        failpoint::hit("before_apply");
         let mut replies = Vec::new();
+        if let Err(e) = self.apply_entries(entries, &mut replies) {
+            // Callers whose entries were in this batch learn the real cause
+            // (their outcome is unknown: the batch may or may not be on disk).
+            let f = Fatal::of(&e);
+            for (reply, _) in replies {
+                let _ = reply.send(Err(f.error()));
+            }
+            return Err(e);
+        }
+        // Applied, callers not yet answered: their outcome is unknown to them.
+        failpoint::hit("after_apply");
+        for (reply, result) in replies {
+            let _ = reply.send(Ok(result));
+        }
+        self.metrics.applied_index.set(last_index as i64);
+        self.applied_tx.send_replace(last_index);
+        Ok(())
+    }
+
+    fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+        replies: &mut Vec<(WriteReply, Result<ApplyOutcome, StateError>)>,
+    ) -> Result<(), CoordError> {
+        let mut pending = Pending::default();
         for entry in entries {
             match entry.get_entry_type() {
                 EntryType::EntryNormal => {
@@ -660,13 +750,7 @@ impl Node {
                 }
             }
         }
-        self.state.commit(pending)?;
-        for (reply, result) in replies {
-            let _ = reply.send(Ok(result));
-        }
-        self.metrics.applied_index.set(last_index as i64);
-        self.applied_tx.send_replace(last_index);
-        Ok(())
+        self.state.commit(pending)
     }
 
     fn take_waiter(&mut self, ctx: &[u8]) -> Option<Waiter> {
@@ -716,6 +800,8 @@ impl Node {
                 return Ok(());
             }
         };
+        // raft-rs has switched configuration; our state has not recorded it.
+        failpoint::hit("during_conf_change");
         let (add, remove) = match cc.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                 let addr = String::from_utf8_lossy(&cc.context).into_owned();

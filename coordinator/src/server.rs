@@ -15,7 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::admin::AdminApi;
 use crate::api::auth::AuthLayer;
@@ -48,6 +48,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), CoordError> {
     config.validate()?;
+    crate::clock::init();
+    crate::failpoint::init_from_env()
+        .map_err(|e| CoordError::Config(format!("failpoints: {e}")))?;
+    // Our own token below the caller's: the Raft actor cancels it when it
+    // stops on a storage failure, which stops every service of this node.
+    let shutdown = shutdown.child_token();
     let tls = Tls::load(TlsPaths {
         ca: config.tls.ca.clone(),
         cert: config.tls.cert.clone(),
@@ -66,6 +72,7 @@ pub async fn run(
     }
     let key = ClusterKey::load(&config.cluster_key_file)?;
     std::fs::create_dir_all(&config.data_dir)?;
+    crate::limits::check_startup_space(&config.data_dir)?;
     let db = sled::Config::new()
         .path(config.data_dir.join("sled"))
         .mode(sled::Mode::HighThroughput)
@@ -92,6 +99,10 @@ pub async fn run(
             initial_peers: config.peer_map(),
             join: config.join,
             settings: config.raft_settings(),
+            disk: Some(crate::limits::DiskGuard::new(
+                config.data_dir.clone(),
+                config.limits.min_free_bytes,
+            )),
         },
         store.clone(),
         transport,
@@ -119,12 +130,28 @@ pub async fn run(
         tracker.clone(),
     );
     let blobs = Arc::new(BlobStore::open(&config.data_dir.join("blobs"))?);
-    let admin = AdminServiceServer::new(AdminApi::new(
-        node.clone(),
-        key.clone(),
-        blobs.clone(),
-        metrics.clone(),
-    ));
+    let bridge = match config.cloudstack.clone() {
+        Some(cs) => {
+            let (bridge, handle) = crate::cloudstack::bridge::Bridge::new(
+                node.clone(),
+                key.clone(),
+                cs,
+                metrics.cloudstack.clone(),
+                blobs.clone(),
+            )
+            .map_err(|e| CoordError::Config(format!("[cloudstack]: {e}")))?;
+            tracker.spawn(bridge.run(shutdown.clone()));
+            Some(handle)
+        }
+        None => None,
+    };
+    let limits = config.limits.clone();
+    let admin = AdminServiceServer::new(
+        AdminApi::new(node.clone(), key.clone(), blobs.clone(), metrics.clone())
+            .with_cloudstack(bridge),
+    )
+    .max_decoding_message_size(limits.max_request_bytes)
+    .max_encoding_message_size(limits.max_response_bytes);
     let raft = RaftServiceServer::new(RaftApi::new(node.clone()))
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
@@ -132,13 +159,19 @@ pub async fn run(
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection))
+        .concurrency_limit_per_connection(limits.max_concurrent_requests_per_connection)
         .layer(AuthLayer::new(tls.clone(), metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(admin)
-        .add_service(RelayServiceServer::new(
-            RelayApi::new(node.clone(), blobs.clone(), metrics.clone()).with_cluster_key(key),
-        ))
+        .add_service(
+            RelayServiceServer::new(
+                RelayApi::new(node.clone(), blobs.clone(), metrics.clone()).with_cluster_key(key),
+            )
+            .max_decoding_message_size(limits.max_request_bytes)
+            .max_encoding_message_size(limits.max_response_bytes),
+        )
         .add_service(raft)
         .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
     let grpc = tokio::spawn(grpc);
@@ -185,6 +218,12 @@ pub async fn run(
     };
     if tokio::time::timeout(DRAIN, drain).await.is_err() {
         warn!("shutdown drain timed out; stopping anyway");
+    }
+    if let Some(f) = node.fatal() {
+        // Do not flush: the state is what the failed write left; a restart
+        // recovers from the durable log.
+        error!(node = config.node_id, error = %f.message, disk_full = f.disk_full, "coordinator stopped after a storage failure");
+        return Err(CoordError::StorageFailed(f.message));
     }
     store.flush()?;
     info!(node = config.node_id, "coordinator stopped");

@@ -150,6 +150,8 @@ impl RaftStore {
     /// sled is flushed first: afterwards the WAL can no longer replay them.
     pub fn compact(&self, index: u64) -> Result<(), CoordError> {
         self.db.flush()?;
+        // State flushed, log not yet rewritten to its new generation.
+        crate::failpoint::hit("before_compaction_rewrite");
         self.wal().compact(index)
     }
 
@@ -175,6 +177,8 @@ impl RaftStore {
         batch.insert(KEY_CS, meta.get_conf_state().write_to_bytes()?);
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
+        // Snapshot state written, log not yet restarted (`repair_after_crash`).
+        crate::failpoint::hit("after_snapshot_state");
         let mut wal = self.wal();
         let mut hs = wal.hard_state().clone();
         hs.term = hs.term.max(meta.term);

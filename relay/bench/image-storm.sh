@@ -176,6 +176,9 @@ listen = "127.0.0.1:$HTTP"
 dir = "$RDIR/boot"
 [cache]
 prefetch = false
+# All STORM_CLIENTS curl clients share 127.0.0.1: no per-client cap.
+[limits]
+http_per_client = 0
 EOF
     RUST_LOG=warn "$BIN/pxemesh-relay" --config "$WORK/relay-$rep.toml" >"$WORK/relay-$rep.log" 2>&1 &
     RPID=$!

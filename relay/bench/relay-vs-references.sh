@@ -33,6 +33,7 @@
 #   DHCP_CLIENTS [50000]  DHCP_SECONDS [10]  DHCP_MAX_DROP [2.5]
 #   DHCP_RATES ["100 250 500 1000 2000 4000 8000 16000 32000"]  DHCP_BISECT [3]
 #   DHCP_STALL_RUNS [5]  DHCP_STALL_RATE [500]  DHCP_SEARCH [1] (0: repeated runs only)
+#   DHCP_SERVERS ["relay kea"] (a subset, to probe one server)
 #   TFTP_REPS [3]  TFTP_SIZE_MIB [64]  TFTP_BLKSIZE [1456]  TFTP_WINDOWS ["1 8 16"]
 #   TFTP_CONC [500]  TFTP_CONC_REPS [3]
 #   HTTP_CONC [100]  HTTP_SIZE_MIB [100]  HTTP_REPS [3]
@@ -51,6 +52,7 @@ DHCP_BISECT=${DHCP_BISECT:-3}
 DHCP_STALL_RUNS=${DHCP_STALL_RUNS:-5}
 DHCP_STALL_RATE=${DHCP_STALL_RATE:-500}
 DHCP_SEARCH=${DHCP_SEARCH:-1}
+DHCP_SERVERS=${DHCP_SERVERS:-"relay kea"}
 TFTP_REPS=${TFTP_REPS:-3}
 TFTP_SIZE_MIB=${TFTP_SIZE_MIB:-64}
 TFTP_BLKSIZE=${TFTP_BLKSIZE:-1456}
@@ -494,10 +496,10 @@ run_dhcp() {
     dhcp_setup
     local s i
     if [ "$DHCP_SEARCH" = 1 ]; then
-        for s in relay kea; do dhcp_search "$s"; done
+        for s in $DHCP_SERVERS; do dhcp_search "$s"; done
     fi
     if [ "$DHCP_STALL_RUNS" -gt 0 ]; then
-        for s in relay kea; do
+        for s in $DHCP_SERVERS; do
             log "DHCP $s: $DHCP_STALL_RUNS repeated runs at $DHCP_STALL_RATE/s"
             for i in $(seq 1 "$DHCP_STALL_RUNS"); do dhcp_point "$s" "$DHCP_STALL_RATE" repeat; done
         done
@@ -543,6 +545,9 @@ relay_content_start() { # relay_content_start tftp|http -> STARTED
             printf '[tftp]\nenabled = false\n[http]\nlisten = "127.0.0.1:80"\n'
         fi
         printf '[boot]\ndir = "%s"\n' "$CONTENT/root"
+        # Every benchmark client shares one address (127.0.0.1): lift the
+        # per-client caps, as the references' caps are lifted above/below.
+        printf '[limits]\ntftp_per_client = 0\nhttp_per_client = 0\n'
     } >"$d/relay.toml"
     start "$NS_T" "$d/relay.log" "$RELAY" --config "$d/relay.toml" --log "$RELAY_LOG"
     if [ "$what" = tftp ]; then

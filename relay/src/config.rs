@@ -156,6 +156,10 @@ pub struct RelayConfig {
     pub coordinators: Option<CoordinatorsConfig>,
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// `/metrics` has no authentication: a `metrics_listen` outside
+    /// loopback is refused unless this is set.
+    #[serde(default)]
+    pub metrics_allow_remote: bool,
     #[serde(default)]
     pub interfaces: Vec<Interface>,
     /// Address put in URLs for networks the relay reaches only through DHCP
@@ -176,6 +180,9 @@ pub struct RelayConfig {
     /// Image cache (sync mode).
     #[serde(default)]
     pub cache: crate::cache::CacheConfig,
+    /// Flood control (DHCP rate limits, transfer caps).
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 impl RelayConfig {
@@ -228,6 +235,12 @@ impl RelayConfig {
         {
             return bad("tftp: need max_blksize 512-65464, max_windowsize >= 1, retries >= 1, timeout_ms >= 1".into());
         }
+        if let Some(m) = self.metrics_listen {
+            if !m.ip().is_loopback() && !self.metrics_allow_remote {
+                return bad(format!("metrics_listen {m} is not a loopback address: /metrics has no authentication; bind it to 127.0.0.1 (and scrape through a proxy or tunnel) or set metrics_allow_remote = true"));
+            }
+        }
+        self.limits.validate().map_err(RelayError::Config)?;
         Ok(())
     }
 
@@ -322,6 +335,37 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown field"));
+    }
+
+    #[test]
+    fn remote_metrics_need_an_explicit_allow() {
+        let base = "name = \"r\"\ndata_dir = \"/tmp/x\"\nstatic_state = \"/tmp/r.toml\"\n";
+        let iface = "[[interfaces]]\nname=\"lo\"\naddress=\"127.0.0.1\"\n";
+        let with = |extra: &str| {
+            RelayConfig::from_toml(&format!("{base}{extra}{iface}"))
+                .unwrap()
+                .validate()
+        };
+        with("metrics_listen = \"127.0.0.1:9200\"\n").unwrap();
+        with("metrics_listen = \"[::1]:9200\"\n").unwrap();
+        for addr in ["0.0.0.0:9200", "10.20.0.2:9200", "[::]:9200"] {
+            let err = with(&format!("metrics_listen = \"{addr}\"\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("metrics_allow_remote"), "{addr}: {err}");
+            with(&format!(
+                "metrics_listen = \"{addr}\"\nmetrics_allow_remote = true\n"
+            ))
+            .unwrap();
+        }
+        let err = RelayConfig::from_toml(&format!(
+            "{base}{iface}[limits]\ndhcp_mac_per_second = -1.0\n"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("[limits]"), "{err}");
     }
 
     #[test]

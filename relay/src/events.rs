@@ -18,8 +18,12 @@
 //!   [`MAX_EVENTS`] removes acknowledged events; only when the journal is
 //!   full of unacknowledged ones are the oldest of those dropped, with a
 //!   warning and `boot_events_dropped`.
-//! - Durability: `record` writes to sled's page cache and [`flush_loop`]
-//!   makes it durable at least every [`FLUSH_EVERY`] (200 ms), so a relay
+//! - Durability: `record` only queues the event in memory (a boot storm
+//!   records two per DHCP exchange, and the DHCP hot path must not pay for a
+//!   sled insert each); the queue goes to sled in one batch when it reaches
+//!   [`DRAIN_AT`] events, before any read of the journal, and in
+//!   [`flush_loop`], which makes it durable at least every [`FLUSH_EVERY`]
+//!   (200 ms), so a relay
 //!   crash (kill -9, power loss) loses at most the events of the last 200 ms.
 //!   The shipper flushes before every report, so an event the coordinators
 //!   acknowledged is always on the relay's disk and its sequence number is
@@ -72,6 +76,8 @@ pub struct BootEvent {
 pub const MAX_EVENTS: u64 = 100_000;
 /// Trimming runs once per this many events.
 const TRIM_EVERY: u64 = 1024;
+/// Queued events that make `record` write the queue to sled itself.
+pub const DRAIN_AT: usize = 4096;
 /// Longest time a recorded event waits in memory before it is on disk.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const SHIPPED_TREE: &str = "boot-events-shipped";
@@ -94,6 +100,12 @@ pub struct EventLog {
     shipping: AtomicBool,
     /// Recorded since the last flush.
     dirty: AtomicBool,
+    /// Recorded, not yet in the tree. Sequence numbers are issued under this
+    /// lock, so every issued number is either queued here or in the tree
+    /// (a reader that drains first can never skip one still in flight).
+    queue: std::sync::Mutex<Vec<BootEvent>>,
+    /// Highest sequence written to the tree (for the trimming cadence).
+    drained: AtomicU64,
     /// Poked by every `record`, for the shipper.
     recorded: Notify,
     /// [`MAX_EVENTS`], smaller in tests.
@@ -121,6 +133,8 @@ impl EventLog {
             floor: AtomicU64::new(first),
             shipping: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
+            queue: std::sync::Mutex::new(Vec::new()),
+            drained: AtomicU64::new(last),
             recorded: Notify::new(),
             capacity: MAX_EVENTS,
             metrics,
@@ -136,31 +150,61 @@ impl EventLog {
     /// Record an event. Never fails the caller: a boot must not stall because
     /// the journal cannot be written (the log line and counter still happen).
     pub fn record(&self, mac: &str, kind: EventKind, detail: &str) {
-        let sequence = self.next.fetch_add(1, Ordering::AcqRel);
         info!(mac, kind = kind.as_str(), detail, "boot event");
         self.metrics.boot_event(kind.as_str());
-        let ev = BootEvent {
-            sequence,
-            mac: mac.to_string(),
-            kind,
-            detail: detail.to_string(),
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let full = {
+            let mut q = self.lock_queue();
+            let sequence = self.next.fetch_add(1, Ordering::AcqRel);
+            q.push(BootEvent {
+                sequence,
+                mac: mac.to_string(),
+                kind,
+                detail: detail.to_string(),
+                unix_ms,
+            });
+            // The trimming cadence of the journal is kept as if every
+            // event were written at once.
+            let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
+            q.len() >= DRAIN_AT || (sequence > self.capacity && sequence.is_multiple_of(every))
         };
-        if let Ok(v) = serde_json::to_vec(&ev) {
-            if let Err(e) = self.tree.insert(sequence.to_be_bytes(), v) {
-                warn!(error = %e, "boot event journal write failed");
-            }
-        }
         self.dirty.store(true, Ordering::Release);
-        let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
-        if sequence > self.capacity && sequence.is_multiple_of(every) {
-            self.trim(sequence - self.capacity);
+        if full {
+            self.write_queued();
         }
         self.update_pending();
         self.recorded.notify_one();
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<BootEvent>> {
+        // Pushes and takes are single operations: a poisoned queue is intact.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the queued events to the tree in one batch, then trims if the
+    /// journal passed another [`TRIM_EVERY`] boundary beyond its capacity.
+    pub fn write_queued(&self) {
+        let events = std::mem::take(&mut *self.lock_queue());
+        let Some(hi) = events.iter().map(|e| e.sequence).max() else {
+            return;
+        };
+        let mut batch = sled::Batch::default();
+        for ev in &events {
+            if let Ok(v) = serde_json::to_vec(ev) {
+                batch.insert(&ev.sequence.to_be_bytes(), v);
+            }
+        }
+        if let Err(e) = self.tree.apply_batch(batch) {
+            warn!(error = %e, events = events.len(), "boot event journal write failed");
+        }
+        let before = self.drained.fetch_max(hi, Ordering::AcqRel);
+        let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
+        if hi > self.capacity && hi / every > before / every {
+            self.trim(hi - self.capacity);
+        }
     }
 
     /// Removes the events below `cutoff`. Acknowledged ones go silently; an
@@ -193,6 +237,7 @@ impl EventLog {
 
     /// Events with a sequence number above `after`, oldest first.
     pub fn since(&self, after: u64, limit: usize) -> Vec<BootEvent> {
+        self.write_queued();
         self.tree
             .range((after + 1).to_be_bytes()..)
             .values()
@@ -256,6 +301,7 @@ impl EventLog {
     /// Makes everything recorded so far durable.
     pub async fn flush(&self) -> Result<(), sled::Error> {
         self.dirty.store(false, Ordering::Release);
+        self.write_queued();
         if let Err(e) = crate::durable::flush(self.tree.clone()).await {
             self.dirty.store(true, Ordering::Release);
             return Err(e);
@@ -269,6 +315,7 @@ impl EventLog {
     /// unacknowledged events at or below `above` past it (in order) and
     /// issues new numbers from there on. Returns how many were renumbered.
     pub fn renumber_above(&self, above: u64) -> Result<usize, sled::Error> {
+        self.write_queued();
         self.next.fetch_max(above + 1, Ordering::AcqRel);
         let from = self.shipped() + 1;
         if from > above {
@@ -300,14 +347,30 @@ impl EventLog {
 pub async fn flush_loop(log: Arc<EventLog>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A failing disk fails every retry: log once a minute, not every 200 ms.
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut failed_since_warn = 0u64;
     loop {
         let stop = tokio::select! {
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
         if stop || log.dirty.load(Ordering::Acquire) {
-            if let Err(e) = log.flush().await {
-                warn!(error = %e, "cannot flush the boot event journal");
+            match log.flush().await {
+                Err(e) => {
+                    failed_since_warn += 1;
+                    if last_warn.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                        warn!(error = %e, failures = failed_since_warn, "cannot flush the boot event journal (logged once a minute while it fails)");
+                        last_warn = Some(std::time::Instant::now());
+                        failed_since_warn = 0;
+                    }
+                }
+                Ok(()) => {
+                    if last_warn.take().is_some() {
+                        info!("boot event journal flushes again");
+                    }
+                    failed_since_warn = 0;
+                }
             }
         }
         if stop {
@@ -329,6 +392,7 @@ mod tests {
             let log = EventLog::open(&db, m.clone()).unwrap();
             log.record("52:54:00:00:00:01", EventKind::DhcpAck, "10.0.0.5");
             log.record("52:54:00:00:00:01", EventKind::HttpFile, "/boot/x.ipxe");
+            log.write_queued();
             db.flush().unwrap();
         }
         let db = crate::durable::test_db(dir.path());

@@ -47,6 +47,8 @@ const STALL: Duration = Duration::from_secs(30);
 /// connection cannot monopolise a worker either.
 const SENDFILE_CHUNK: usize = 2 * 1024 * 1024;
 const MAX_HEADERS: usize = 64;
+/// The answer to a connection over a cap.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// Accept connections until `shutdown`, then let in-flight responses finish.
 pub async fn serve(
@@ -56,6 +58,12 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
+    // Connection caps per client address and in total (limits.rs): a client
+    // over its cap gets a 503 at once instead of a queue.
+    let slots = crate::limits::TransferSlots::new(
+        ctx.config.limits.http_per_client,
+        ctx.config.limits.http_max_connections,
+    );
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -69,8 +77,21 @@ pub async fn serve(
                 }
             },
         };
+        let slot = match slots.try_acquire(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                ctx.metrics.limits.drop("http", why);
+                ctx.metrics.http("over-limit", 503);
+                debug!(%peer, reason = why.label(), "HTTP connection refused: cap reached");
+                // Best effort and never waits: the socket buffer of a fresh
+                // connection takes this; the connection is closed on drop.
+                let _ = stream.try_write(BUSY);
+                continue;
+            }
+        };
         let (ctx, app, sd) = (ctx.clone(), app.clone(), shutdown.clone());
         tracker.spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection(ctx, app, stream, peer, sd).await {
                 debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
@@ -166,6 +187,9 @@ async fn connection(
 ) -> std::io::Result<()> {
     let mut buf = BytesMut::with_capacity(4096);
     loop {
+        // The whole head within IDLE, not each read: a client trickling a
+        // byte at a time must not hold the connection forever (slowloris).
+        let head_deadline = tokio::time::Instant::now() + IDLE;
         let req = loop {
             match parse(&buf) {
                 Parsed::Fast(r) => break Some(r),
@@ -175,7 +199,7 @@ async fn connection(
             }
             let n = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = tokio::time::timeout(IDLE, stream.read_buf(&mut buf)) => match r {
+                r = tokio::time::timeout_at(head_deadline, stream.read_buf(&mut buf)) => match r {
                     Ok(r) => r?,
                     Err(_) => return Ok(()),
                 },

@@ -13,6 +13,7 @@ pub mod files;
 pub mod http;
 pub mod http_fast;
 pub mod ipmi;
+pub mod limits;
 pub mod metrics;
 pub mod net;
 pub mod server;

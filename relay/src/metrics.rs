@@ -65,6 +65,8 @@ pub struct RelayMetrics {
     pub boot_events_dropped: Counter,
     /// Power jobs (`ipmi::runner`).
     pub ipmi: std::sync::Arc<crate::ipmi::IpmiMetrics>,
+    /// Flood control and validation drops (`limits`).
+    pub limits: crate::limits::LimitMetrics,
 }
 
 fn latency() -> Histogram {
@@ -97,6 +99,7 @@ impl RelayMetrics {
             boot_events_pending: Gauge::default(),
             boot_events_dropped: Counter::default(),
             ipmi: Default::default(),
+            limits: Default::default(),
         };
         m.ipmi.register(&mut r);
         r.register(
@@ -186,6 +189,7 @@ impl RelayMetrics {
             m.boot_events_dropped.clone(),
         );
         m.cache.register(&mut r);
+        m.limits.register(&mut r);
         RelayMetrics { registry: r, ..m }
     }
 

@@ -48,6 +48,7 @@ pub async fn run(
     config.validate()?;
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)?;
+    crate::limits::check_startup_space(&config.data_dir)?;
     let db = sled::Config::new()
         .path(config.data_dir.join("sled"))
         .open()?;
@@ -110,7 +111,7 @@ pub async fn run(
         let ctx = Arc::new(DhcpContext {
             config: config.clone(),
             state: state.clone(),
-            leases: Leases::open(&db)?,
+            leases: Leases::open(&config.data_dir, Some(&db))?,
             events: events.clone(),
             metrics: metrics.clone(),
             loaders: loaders.clone(),

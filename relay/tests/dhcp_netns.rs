@@ -475,10 +475,10 @@ async fn serve_child(dir: PathBuf) {
     let rack =
         state::RackState::from_static_file(config.static_state.as_ref().expect("static_state"))
             .expect("rack");
-    let db = sled::open(&config.data_dir).expect("sled");
+    let db = sled::open(config.data_dir.join("sled")).expect("sled");
     let metrics = Arc::new(RelayMetrics::new());
     let events = Arc::new(EventLog::open(&db, metrics.clone()).expect("events"));
-    let leases = dhcp::Leases::open(&db).expect("leases");
+    let leases = dhcp::Leases::open(&config.data_dir, Some(&db)).expect("leases");
     let mut sockets = Vec::new();
     for iface in &config.interfaces {
         let s = dhcp::bind(iface, config.dhcp.port).expect("bind");
@@ -543,7 +543,7 @@ fn dhclient_pxe_client_gets_reservation_and_boot_file() {
             lab.log("server")
         );
     }
-    let lease = fs::read_to_string(lab.path("dhclient.leases")).expect("lease file");
+    let lease = dhclient_lease_file(&lab);
     for want in [
         format!("fixed-address {RESERVED_IP};"),
         "option subnet-mask 255.255.255.0;".into(),
@@ -815,7 +815,7 @@ fn dhclient_through_isc_dhcrelay() {
         lab.log("dhcrelay"),
         lab.log("server")
     );
-    let lease = fs::read_to_string(lab.path("dhclient.leases")).expect("lease file");
+    let lease = dhclient_lease_file(&lab);
     assert!(
         lease.contains(&format!("fixed-address {REMOTE_IP};")),
         "{lease}"
@@ -958,4 +958,19 @@ fn pool_lease_survives_server_restart() {
     assert_eq!(udhcpc_lease(&mut lab, &c, &udhcpc, m1, "u1-after"), a1);
     let a3 = udhcpc_lease(&mut lab, &c, &udhcpc, m3, "u3-after");
     assert!(pool.contains(&a3) && a3 != a1 && a3 != a2, "{a3}");
+}
+
+/// dhclient may run its script before it has written the lease file (seen on
+/// a loaded machine: the file was still empty when the test read it), so
+/// wait for a whole lease block, bounded.
+fn dhclient_lease_file(lab: &Lab) -> String {
+    let mut lease = String::new();
+    for _ in 0..50 {
+        lease = fs::read_to_string(lab.path("dhclient.leases")).unwrap_or_default();
+        if lease.contains('}') {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lease
 }

@@ -134,6 +134,32 @@ async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A size-limited tmpfs on `dir` (root only), unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs on {}", dir.display());
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 struct RelayProc(Child);
 impl Drop for RelayProc {
     fn drop(&mut self) {
@@ -343,7 +369,8 @@ async fn image_store_and_relay_cache_end_to_end() {
          [coordinators]\nendpoints = [{eps}]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\nheartbeat_seconds = 1\n\
          [dhcp]\nenabled = false\n[tftp]\nlisten = \"127.0.0.1:{tftp_port}\"\n\
          [http]\nlisten = \"127.0.0.1:{http_port}\"\n[boot]\ndir = \"{boot}\"\n\
-         [cache]\nbudget_bytes = {budget}\ngc_grace_seconds = 1\n",
+         [cache]\nbudget_bytes = {budget}\ngc_grace_seconds = 1\n\
+         [limits]\nhttp_per_client = 0\n",
         data = relay_data.display(),
         eps = addrs
             .iter()
@@ -356,6 +383,10 @@ async fn image_store_and_relay_cache_end_to_end() {
         boot = boot_dir.display(),
     );
     std::fs::write(d.join("relay.toml"), cfg).unwrap();
+    // The cache directory on its own small file system (root only), filled
+    // up in the disk-full phase. Declared before the relay: unmounted after
+    // it stopped.
+    let cache_fs = Tmpfs::mount(&relay_data.join("cache"), "64m");
     let log = std::fs::File::create(d.join("relay.log")).unwrap();
     let _relay = RelayProc(
         Command::new(env!("CARGO_BIN_EXE_pxemesh-relay"))
@@ -416,7 +447,8 @@ async fn image_store_and_relay_cache_end_to_end() {
     );
 
     eprintln!("[{:?}] Phase 3", t0.elapsed());
-    // --- Phase 3: 200 concurrent requests for a blob the relay lacks.
+    // --- Phase 3: 200 concurrent requests for a blob the relay lacks (all
+    // from 127.0.0.1, hence `http_per_client = 0` above).
     let big = sha(&files["big/blob.bin"]);
     assert!(!cache_file(&big).exists());
     let fetches_before = metric(metrics_port, "pxemesh_relay_cache_upstream_fetches_total");
@@ -559,6 +591,59 @@ async fn image_store_and_relay_cache_end_to_end() {
         metric(metrics_port, "pxemesh_relay_cache_collected_total"),
         1.0
     );
+
+    eprintln!("[{:?}] Disk full", t0.elapsed());
+    // --- Disk full on the cache: a clear error, nothing half-written
+    // served, and the download works once space returns.
+    if let Some(fs) = &cache_fs {
+        let filler = fs.0.join("filler");
+        {
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0u8; 256 * 1024];
+            let mut n = 0usize;
+            while f.write_all(&chunk).is_ok() {
+                n += chunk.len();
+                assert!(n < 1 << 30, "tmpfs does not fill");
+            }
+            while f.write_all(&[0u8; 512]).is_ok() {}
+        }
+        let failures = metric(metrics_port, "pxemesh_relay_cache_upstream_failures_total");
+        let url = format!("{base}/big/blob.bin");
+        let code = curl(&[
+            "-s",
+            "--max-time",
+            "60",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url,
+        ])
+        .stdout;
+        assert_eq!(code, b"503", "a download into a full cache");
+        assert!(
+            !cache_file(&big).exists(),
+            "no unverified blob in the cache"
+        );
+        assert!(
+            metric(metrics_port, "pxemesh_relay_cache_upstream_failures_total") > failures,
+            "failed fetches counted"
+        );
+        let relay_log = std::fs::read_to_string(d.join("relay.log")).unwrap_or_default();
+        assert!(
+            relay_log.contains("No space left on device") || relay_log.contains("os error 28"),
+            "the relay log names the cause"
+        );
+        // Cached blobs are still served from the full disk.
+        let got = curl(&["-sf", &format!("{base}/boot/vmlinuz")]).stdout;
+        assert_eq!(sha(&got), kernel, "cached blob on a full disk");
+        std::fs::remove_file(&filler).unwrap();
+        let got = curl(&["-sf", "--max-time", "60", &url]).stdout;
+        assert_eq!(sha(&got), big, "downloaded once space returned");
+        assert_eq!(sha(&std::fs::read(cache_file(&big)).unwrap()), big);
+    } else {
+        eprintln!("\n!!!!!!!! SKIPPED disk-full phase: not root (tmpfs mount) !!!!!!!!\n");
+    }
 
     // --- Phase 6: every coordinator down; the cache keeps serving.
     for c in coords.iter_mut() {

@@ -974,8 +974,16 @@ fn power_jobs_against_ipmi_sim() {
         "the sampler saw no ipmitool process ({hits:?})"
     );
     let logs = lab.logs();
+    // Nor in the relay's metrics (label values included; the wrong-password
+    // job above made the error-path series exist).
+    let relay_metrics = http_get(&lab.relay_metrics).expect("relay metrics");
+    assert!(relay_metrics.contains("pxemesh_relay_"), "{relay_metrics}");
     for pw in &secrets {
         assert!(!logs.contains(pw.as_str()), "a BMC password is in a log");
+        assert!(
+            !relay_metrics.contains(pw.as_str()),
+            "a BMC password is in the relay's metrics"
+        );
         for o in lab.outputs.lock().unwrap().iter() {
             assert!(
                 !o.contains(pw.as_str()),

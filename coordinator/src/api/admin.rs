@@ -23,6 +23,7 @@ pub struct AdminApi {
     key: ClusterKey,
     blobs: Arc<BlobStore>,
     metrics: Arc<Metrics>,
+    cloudstack: Option<crate::cloudstack::bridge::BridgeHandle>,
 }
 
 impl AdminApi {
@@ -54,7 +55,17 @@ impl AdminApi {
             key,
             blobs,
             metrics,
+            cloudstack: None,
         }
+    }
+
+    /// The CloudStack bridge of this coordinator, when configured.
+    pub fn with_cloudstack(
+        mut self,
+        handle: Option<crate::cloudstack::bridge::BridgeHandle>,
+    ) -> AdminApi {
+        self.cloudstack = handle;
+        self
     }
 
     fn record_from_object(&self, obj: &pb::Object) -> Result<Record, CoordError> {
@@ -561,5 +572,23 @@ impl AdminService for AdminApi {
             revision: put.revision,
             bytes_downloaded: downloaded,
         }))
+    }
+
+    async fn cloud_stack_sync(
+        &self,
+        req: Request<pb::CloudStackSyncRequest>,
+    ) -> Result<Response<pb::CloudStackStatusResponse>, Status> {
+        Ok(Response::new(
+            super::cloudstack::sync(self.cloudstack.as_ref(), req.into_inner()).await?,
+        ))
+    }
+
+    async fn cloud_stack_status(
+        &self,
+        _req: Request<pb::CloudStackStatusRequest>,
+    ) -> Result<Response<pb::CloudStackStatusResponse>, Status> {
+        Ok(Response::new(super::cloudstack::status(
+            self.cloudstack.as_ref(),
+        )?))
     }
 }

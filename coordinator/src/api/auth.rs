@@ -60,6 +60,7 @@ pub fn need_for(path: &str) -> Need {
         "pxemesh.v1.AdminService" => match method {
             "ClusterStatus" | "Get" | "List" | "ListEvents" | "WatchEvents" => Need::AdminRead,
             "ListJobs" | "GetJob" | "WatchJobs" => Need::AdminRead,
+            "CloudStackStatus" => Need::AdminRead,
             _ => Need::AdminWrite,
         },
         // Relays fetch blobs, and so do peer coordinators replicating them.

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use pxemesh_proto::v1 as pb;
@@ -27,11 +27,10 @@ pub type JobStream = Pin<Box<dyn Stream<Item = Result<pb::Job, Status>> + Send +
 const DEFAULT_LEASE_SECONDS: u32 = 60;
 const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// The proposer's clock for job commands: immune to steps of the system
+/// clock while running (see `clock.rs`), so leases last what they say.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    crate::clock::unix_ms()
 }
 
 pub fn job_to_proto(j: &Job) -> pb::Job {

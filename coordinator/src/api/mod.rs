@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cloudstack;
 pub mod convert;
 pub mod images;
 pub mod jobs;

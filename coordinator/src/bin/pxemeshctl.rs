@@ -3,6 +3,8 @@
 //! Thin by design: argument parsing, one or a few RPCs, rendering. Tables for
 //! people (`-o table`, the default), stable JSON for scripts (`-o json`).
 
+#[path = "pxemeshctl/cloudstack.rs"]
+mod cloudstack;
 #[path = "pxemeshctl/jobs.rs"]
 mod jobs;
 
@@ -126,6 +128,9 @@ enum Cmd {
     /// Boot images: content-addressed files replicated to every coordinator.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// CloudStack bridge: on-demand sync and status.
+    #[command(subcommand)]
+    Cloudstack(cloudstack::CloudStackCmd),
 }
 
 #[derive(Subcommand)]
@@ -286,6 +291,12 @@ enum HostCmd {
         /// Validate and report outcomes without changing anything.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Names of the hosts with this BMC address (exit status 1 when none).
+    Find {
+        /// BMC (IPMI) address as stored in the host record.
+        #[arg(long)]
+        bmc: String,
     },
     #[command(flatten)]
     Common(CommonCmd),
@@ -1633,6 +1644,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Bootdev(a) => jobs::bootdev(&ctl, a).await,
         Cmd::Job(c) => jobs::job(&ctl, c).await,
         Cmd::Image(cmd) => image(&ctl, cmd).await,
+        Cmd::Cloudstack(cmd) => cloudstack::cloudstack(&ctl, cmd).await,
+        Cmd::Host(HostCmd::Find { bmc }) => cloudstack::host_find_bmc(&ctl, &bmc).await,
     }
 }
 

@@ -257,6 +257,16 @@ pub fn params(pairs: &[(&str, &str)]) -> Params {
 
 impl Client {
     pub fn new(settings: ClientSettings) -> Result<Client, CsError> {
+        Client::with_metrics(settings, ClientMetrics::default(), None)
+    }
+
+    /// Like `new`, counting into `metrics` (registered by the caller) and
+    /// sending `user_agent` (the bridge names its node and term in it).
+    pub fn with_metrics(
+        settings: ClientSettings,
+        metrics: ClientMetrics,
+        user_agent: Option<String>,
+    ) -> Result<Client, CsError> {
         let base = reqwest::Url::parse(&settings.url)
             .map_err(|e| CsError::Config(format!("url {:?}: {e}", settings.url)))?;
         match base.scheme() {
@@ -287,6 +297,7 @@ impl Client {
         }
         let tls = tls_config(settings.ca_file.as_deref())?;
         let http = reqwest::Client::builder()
+            .user_agent(user_agent.unwrap_or_else(|| "pxemesh".to_string()))
             .use_preconfigured_tls(tls)
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout.min(Duration::from_secs(10)))
@@ -300,7 +311,7 @@ impl Client {
                 base,
                 settings,
                 limiter,
-                metrics: ClientMetrics::default(),
+                metrics,
             }),
         })
     }

@@ -1,9 +1,10 @@
 //! The CloudStack bridge: an API client for the management server
 //! (`client`, `sign`), the objects it reads (`model`), the pure mapping from
 //! CloudStack state to pxemesh records (`reconcile`), what one sync lists
-//! (`fetch`) and the bridge's configuration (`config`). The leader-run sync loop and the pxemeshctl
-//! commands are wired on top of these.
+//! (`fetch`), the bridge's configuration (`config`) and the leader-run sync
+//! loop over all of them (`bridge`).
 
+pub mod bridge;
 pub mod client;
 pub mod config;
 pub mod fetch;

@@ -36,6 +36,10 @@ pub const LABEL_TEMPLATE_ID: &str = "cloudstack.template-id";
 pub const LABEL_CPUS: &str = "cloudstack.cpu-number";
 pub const LABEL_CPU_MHZ: &str = "cloudstack.cpu-speed-mhz";
 pub const LABEL_MEMORY: &str = "cloudstack.memory-bytes";
+/// Labels under this prefix are the bridge's own bookkeeping (start counter,
+/// jobs submitted, provision-done notified); `plan` carries them over from the
+/// current record unchanged.
+pub const BRIDGE_LABEL_PREFIX: &str = "cloudstack.bridge.";
 
 /// The parts of the configuration `plan` needs (no file paths, no secrets).
 #[derive(Debug, Clone, Default)]
@@ -638,6 +642,13 @@ pub fn plan(inp: &Inputs) -> Plan {
         }
         if let Some(c) = cs_host.memorytotal {
             labels.insert(LABEL_MEMORY.to_string(), c.to_string());
+        }
+        if let Some(e) = inp.pxe_hosts.iter().find(|e| e.name == name) {
+            for (k, v) in &e.labels {
+                if k.starts_with(BRIDGE_LABEL_PREFIX) {
+                    labels.insert(k.clone(), v.clone());
+                }
+            }
         }
         used_macs.insert(mac, name.clone());
         used_ips.insert((network.name.clone(), ip), name.clone());

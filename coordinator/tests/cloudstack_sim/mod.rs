@@ -63,6 +63,9 @@ pub struct SimState {
     pub accepted: Vec<(String, Option<u32>)>,
     /// Requests refused for their signature or expiry.
     pub rejected: Vec<String>,
+    /// (User-Agent, command, arrival) of every request that passed
+    /// verification: who called, in order (the bridge names node and term).
+    pub callers: Vec<(String, String, std::time::Instant)>,
 }
 
 pub struct Sim {
@@ -338,7 +341,11 @@ fn item_key(command: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
-async fn api(State(state): State<Arc<Mutex<SimState>>>, RawQuery(raw): RawQuery) -> Response {
+async fn api(
+    State(state): State<Arc<Mutex<SimState>>>,
+    headers: axum::http::HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
     let params = decode_query(raw.as_deref().unwrap_or(""));
     let get = |name: &str| {
         params
@@ -367,6 +374,13 @@ async fn api(State(state): State<Arc<Mutex<SimState>>>, RawQuery(raw): RawQuery)
     }
     let page: Option<u32> = get("page").and_then(|p| p.parse().ok());
     st.accepted.push((command.clone(), page));
+    let ua = headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    st.callers
+        .push((ua, command.clone(), std::time::Instant::now()));
 
     if let Some(f) = st.failure.as_mut() {
         let applies = f.command.is_none_or(|c| c.eq_ignore_ascii_case(&command));

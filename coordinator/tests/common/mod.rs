@@ -206,6 +206,11 @@ impl Cluster {
     }
 
     pub fn spawn(&mut self, id: u64) {
+        self.spawn_env(id, &[]);
+    }
+
+    /// Start node `id` with extra environment variables (e.g. failpoints).
+    pub fn spawn_env(&mut self, id: u64, env: &[(&str, &str)]) {
         let n = self.nodes.get_mut(&id).unwrap();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -216,6 +221,7 @@ impl Cluster {
             .arg("--config")
             .arg(&n.config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -243,6 +249,18 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The exit status of node `id` if its process has ended (reaped).
+    pub fn exited(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let n = self.nodes.get_mut(&id).unwrap();
+        let st = n.child.as_mut()?.try_wait().ok()??;
+        n.child = None;
+        Some(st)
+    }
+
+    pub fn running(&self, id: u64) -> bool {
+        self.nodes[&id].child.is_some()
     }
 
     pub fn signal(&self, id: u64, sig: i32) {

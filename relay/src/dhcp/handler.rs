@@ -428,6 +428,17 @@ impl Cx<'_> {
         if !self.net.subnet.contains(&wanted) {
             return self.nak(phase, "address not on this network");
         }
+        if self
+            .state
+            .host_by_ip(wanted)
+            .is_some_and(|h| h.mac != self.mac)
+        {
+            // Another host's reservation: NAKed below; counted as refused.
+            self.ctx()
+                .metrics
+                .limits
+                .drop("dhcp", crate::limits::DropReason::ForeignReservation);
+        }
         let (host, flush) = match client {
             Client::Reserved(h) => {
                 if h.ip != wanted {

@@ -1,5 +1,5 @@
-//! Dynamic pool leases, persisted in sled (tree `dhcp-leases`, one record per
-//! address, key = the address's four bytes).
+//! Dynamic pool leases, persisted in an append-only log with group commit
+//! ([`super::leaselog`], `<data_dir>/dhcp-leases.log`).
 //!
 //! Rules:
 //! * an address has at most one owner (a MAC) at a time; an offer holds it
@@ -12,20 +12,29 @@
 //! * the caller passes the addresses that must never come from the pool
 //!   (reservations, gateway, the relay's own addresses).
 //!
-//! Records are mirrored in memory behind one mutex (no await while held); the
-//! table never grows beyond the pool sizes because it is keyed by address.
-//! A bound lease is written to sled before the ACK leaves, and the caller
-//! flushes before sending it ([`Leases::flush_async`]), so a crash can never
-//! hand the same address to two clients.
+//! Records live in memory behind one mutex (no await while held); the table
+//! never grows beyond the pool sizes because it is keyed by address. Every
+//! change is also encoded, in order, into a pending buffer that
+//! [`Leases::flush`] appends to the lease log ([`super::leaselog`]) and
+//! `fdatasync`s. The caller flushes before sending an ACK that binds a lease
+//! ([`Leases::flush_async`]), so a crash can never hand the same address to
+//! two clients. Offers are logged too, but nobody waits for them.
+//!
+//! Upgrade: a relay that kept its leases in sled (tree `dhcp-leases`, up to
+//! this log's introduction) has them imported into the log once, when the
+//! log is empty, and the sled tree is cleared afterwards.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use pxemesh_coordinator::model::{Mac, Network};
 use serde::{Deserialize, Serialize};
 
 use crate::error::RelayError;
+
+use super::leaselog::{self, LeaseLog};
 
 /// How long a declined address stays out of the pool (dnsmasq uses the same).
 pub const DECLINE_QUARANTINE_SECS: u64 = 600;
@@ -117,6 +126,9 @@ struct Table {
     by_mac: HashMap<Mac, BTreeSet<Ipv4Addr>>,
     /// Per network: where the search for a never-used address resumes.
     cursor: HashMap<String, u32>,
+    /// Encoded changes not yet in the log file, in order, and their count.
+    pending: Vec<u8>,
+    pending_records: u64,
 }
 
 impl Table {
@@ -148,33 +160,57 @@ impl Table {
     }
 }
 
+/// Cheap to clone: clones share the table and the log.
+#[derive(Clone)]
 pub struct Leases {
-    tree: sled::Tree,
-    table: Mutex<Table>,
+    table: Arc<Mutex<Table>>,
+    /// Taken before the table lock by whoever writes the file, so appends
+    /// reach the file in the order the table changed.
+    log: Arc<Mutex<LeaseLog>>,
 }
 
 impl Leases {
-    pub fn open(db: &sled::Db) -> Result<Leases, RelayError> {
-        let tree = db.open_tree("dhcp-leases")?;
+    /// Open the lease log in `dir` (creating it), replaying it into memory.
+    /// `legacy`: the relay's sled database, whose `dhcp-leases` tree is
+    /// imported once if the log is empty.
+    pub fn open(dir: &Path, legacy: Option<&sled::Db>) -> Result<Leases, RelayError> {
+        std::fs::create_dir_all(dir)?;
+        let (mut log, replay) = LeaseLog::open(&dir.join(leaselog::FILE_NAME))?;
         let mut table = Table::default();
-        for item in tree.iter() {
-            let (k, v) = item?;
-            let Ok(octets) = <[u8; 4]>::try_from(k.as_ref()) else {
-                tracing::warn!(key = ?k, "dhcp-leases: skipping record with a malformed key");
-                continue;
-            };
-            match serde_json::from_slice::<Lease>(&v) {
-                Ok(l) => {
-                    table.insert(Ipv4Addr::from(octets), l);
+        let empty = replay.records.is_empty();
+        for (ip, lease) in replay.records {
+            table.insert(ip, lease);
+        }
+        if let (true, Some(db)) = (empty, legacy) {
+            let tree = db.open_tree("dhcp-leases")?;
+            if !tree.is_empty() {
+                let mut image = Vec::new();
+                let mut count = 0u64;
+                for item in tree.iter() {
+                    let (k, v) = item?;
+                    let Ok(octets) = <[u8; 4]>::try_from(k.as_ref()) else {
+                        continue;
+                    };
+                    let Ok(lease) = serde_json::from_slice::<Lease>(&v) else {
+                        continue;
+                    };
+                    let ip = Ipv4Addr::from(octets);
+                    leaselog::encode(&mut image, ip, &lease)?;
+                    table.insert(ip, lease);
+                    count += 1;
                 }
-                Err(e) => {
-                    tracing::warn!(ip = %Ipv4Addr::from(octets), error = %e, "dhcp-leases: skipping unreadable record")
-                }
+                log.replace(&image, count)?;
+                tree.clear()?;
+                crate::durable::flush_blocking(&tree)?;
+                tracing::info!(
+                    leases = count,
+                    "dhcp-leases: imported the pool leases from sled into the lease log"
+                );
             }
         }
         Ok(Leases {
-            tree,
-            table: Mutex::new(table),
+            table: Arc::new(Mutex::new(table)),
+            log: Arc::new(Mutex::new(log)),
         })
     }
 
@@ -185,8 +221,8 @@ impl Leases {
     }
 
     fn store(&self, table: &mut Table, ip: Ipv4Addr, lease: Lease) -> Result<(), RelayError> {
-        let v = serde_json::to_vec(&lease)?;
-        self.tree.insert(ip.octets(), v)?;
+        leaselog::encode(&mut table.pending, ip, &lease)?;
+        table.pending_records += 1;
         table.insert(ip, lease);
         Ok(())
     }
@@ -411,15 +447,54 @@ impl Leases {
         Ok(true)
     }
 
-    /// Make every change so far durable.
+    /// Make every change so far durable: append what is pending to the
+    /// log and `fdatasync` it (one sync covers every change made before this
+    /// call), then compact the log if it has grown far beyond the table.
     pub fn flush(&self) -> Result<(), RelayError> {
-        crate::durable::flush_blocking(&self.tree)?;
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let (bytes, count) = {
+            let mut t = self.lock();
+            let count = std::mem::take(&mut t.pending_records);
+            (std::mem::take(&mut t.pending), count)
+        };
+        if let Err(e) = log.append_sync(&bytes, count) {
+            // Keep the changes for the next attempt, in front of newer ones.
+            let mut t = self.lock();
+            let newer = std::mem::replace(&mut t.pending, bytes);
+            t.pending.extend_from_slice(&newer);
+            t.pending_records += count;
+            return Err(e);
+        }
+        let snapshot = {
+            let t = self.lock();
+            if !log.wants_compaction(t.by_ip.len() as u64) {
+                return Ok(());
+            }
+            t.by_ip
+                .iter()
+                .map(|(ip, l)| (*ip, l.clone()))
+                .collect::<Vec<_>>()
+        };
+        // Changes made after the snapshot are still pending and will be
+        // appended after the image; ones made between the append above and
+        // the snapshot are in both, which a replay (last record wins) absorbs.
+        let mut image = Vec::with_capacity(snapshot.len() * 96);
+        for (ip, lease) in &snapshot {
+            leaselog::encode(&mut image, *ip, lease)?;
+        }
+        log.replace(&image, snapshot.len() as u64)?;
+        tracing::debug!(
+            leases = snapshot.len(),
+            "dhcp-leases: compacted the lease log"
+        );
         Ok(())
     }
 
     pub async fn flush_async(&self) -> Result<(), RelayError> {
-        crate::durable::flush(self.tree.clone()).await?;
-        Ok(())
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.flush())
+            .await
+            .map_err(|e| RelayError::Io(std::io::Error::other(e)))?
     }
 }
 
@@ -468,8 +543,7 @@ mod tests {
     #[test]
     fn offer_commit_release_decline() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::durable::test_db(dir.path());
-        let l = Leases::open(&db).unwrap();
+        let l = Leases::open(dir.path(), None).unwrap();
         let n = net(("10.20.0.200", "10.20.0.202"));
         let none = |_: Ipv4Addr| false;
         let a = l
@@ -528,8 +602,7 @@ mod tests {
     #[test]
     fn excluded_addresses_never_leave_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::durable::test_db(dir.path());
-        let l = Leases::open(&db).unwrap();
+        let l = Leases::open(dir.path(), None).unwrap();
         let n = net(("10.20.0.200", "10.20.0.201"));
         let ex = |a: Ipv4Addr| a == ip("10.20.0.200");
         assert_eq!(
@@ -543,6 +616,46 @@ mod tests {
                 .unwrap(),
             Commit::Refused
         );
+    }
+
+    #[test]
+    fn only_flushed_changes_survive_a_restart_and_sled_leases_are_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = net(("10.20.0.10", "10.20.0.20"));
+        let none = |_: Ipv4Addr| false;
+        // A relay from before the lease log: its leases are in sled.
+        let db = crate::durable::test_db(dir.path().join("sled"));
+        let old = Lease {
+            mac: mac(7u8),
+            network: "prov".into(),
+            state: LeaseState::Bound,
+            expires: 5000,
+        };
+        db.open_tree("dhcp-leases")
+            .unwrap()
+            .insert(ip("10.20.0.15").octets(), serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        let l = Leases::open(dir.path(), Some(&db)).unwrap();
+        assert_eq!(l.get(ip("10.20.0.15")), Some(old.clone()));
+        assert!(db.open_tree("dhcp-leases").unwrap().is_empty());
+        let a = l
+            .offer(&mac(1), &n, &none, None, 1000, 30)
+            .unwrap()
+            .unwrap();
+        l.commit(&mac(1), &n, &none, a, 1000, 600).unwrap();
+        l.flush().unwrap();
+        // Not flushed: lost on a crash, which is fine because no ACK for it
+        // could have left.
+        let b = l
+            .offer(&mac(2), &n, &none, None, 1000, 30)
+            .unwrap()
+            .unwrap();
+        l.commit(&mac(2), &n, &none, b, 1000, 600).unwrap();
+        drop(l);
+        let l = Leases::open(dir.path(), Some(&db)).unwrap();
+        assert!(l.holds(&mac(1), a, 1001));
+        assert!(!l.holds(&mac(2), b, 1001));
+        assert_eq!(l.get(ip("10.20.0.15")), Some(old));
     }
 }
 
@@ -558,8 +671,7 @@ mod index_tests {
     #[test]
     fn many_clients_get_distinct_addresses_and_the_indexes_stay_true() {
         let dir = tempfile::tempdir().unwrap();
-        let db = crate::durable::test_db(dir.path());
-        let l = Leases::open(&db).unwrap();
+        let l = Leases::open(dir.path(), None).unwrap();
         let n = Network {
             name: "big".into(),
             rack: "r1".into(),
@@ -598,9 +710,10 @@ mod index_tests {
             .unwrap()
             .unwrap();
         assert!(l.holds(&mac(1234), again, 200));
-        // Reopened from sled: same indexes.
+        // Reopened from the log: same indexes.
+        l.flush().unwrap();
         drop(l);
-        let l = Leases::open(&db).unwrap();
+        let l = Leases::open(dir.path(), None).unwrap();
         assert_eq!(
             l.offer(&mac(1234), &n, &excluded, None, 300, 30).unwrap(),
             Some(again)

@@ -10,6 +10,7 @@
 //! the sockets and receive loops.
 
 pub mod handler;
+pub mod leaselog;
 pub mod leases;
 pub mod packet;
 
@@ -47,8 +48,12 @@ pub struct DhcpContext {
 
 /// Largest datagram read (jumbo-frame DHCP is still far below this).
 const RECV_BUF: usize = 4096;
-/// Replies waiting for a lease flush, per socket; more wait for a slot.
-const MAX_PENDING_FLUSHES: usize = 256;
+/// Replies waiting for a lease flush, per socket (each a few hundred bytes).
+/// When it is full the reply is dropped and counted
+/// (`dhcp_messages{outcome="dropped-flush-backlog"}`): the client retransmits
+/// its REQUEST, and receiving never stops behind a slow disk (DISCOVERs
+/// need no flush and keep being answered).
+const MAX_PENDING_FLUSHES: usize = 4096;
 
 /// Bind the DHCP socket of one interface: `0.0.0.0:port`, SO_REUSEADDR,
 /// SO_BROADCAST, SO_BINDTODEVICE (skipped for "lo" or an empty name, for
@@ -93,6 +98,10 @@ pub async fn run(
         shutdown.cancelled().await;
         return Ok(());
     }
+    let guard = Arc::new(crate::limits::DhcpGuard::new(
+        &ctx.config.limits,
+        ctx.metrics.clone(),
+    ));
     let server = Arc::new(Server::new(ctx));
     // A loop that dies stops its siblings (not the rest of the relay).
     let stop = shutdown.child_token();
@@ -101,6 +110,7 @@ pub async fn run(
         info!(interface = %iface.name, address = %iface.address, port = sock.local_addr().map(|a| a.port()).unwrap_or(0), "dhcp: serving");
         loops.spawn(serve_socket(
             server.clone(),
+            guard.clone(),
             iface,
             Arc::new(sock),
             stop.clone(),
@@ -121,11 +131,13 @@ pub async fn run(
 
 async fn serve_socket(
     server: Arc<Server>,
+    guard: Arc<crate::limits::DhcpGuard>,
     iface: Interface,
     sock: Arc<UdpSocket>,
     stop: CancellationToken,
 ) {
-    let mut buf = vec![0u8; RECV_BUF];
+    // One byte more than we accept: a datagram that fills it was oversize.
+    let mut buf = vec![0u8; RECV_BUF + 1];
     // Group commit: replies that need a durable lease wait in this queue; one
     // flusher makes everything queued so far durable with a single flush and
     // then sends all of it. A full queue applies back-pressure to receiving.
@@ -154,6 +166,7 @@ async fn serve_socket(
         })
     };
     let mut last_error_log = 0u64;
+    let mut last_backlog_log = 0u64;
     loop {
         let received = tokio::select! {
             biased;
@@ -161,7 +174,13 @@ async fn serve_socket(
             r = sock.recv_from(&mut buf) => r,
         };
         let n = match received {
-            Ok((n, _peer)) => n,
+            Ok((n, peer)) => {
+                // Flood control and shape checks (limits.rs), before decoding.
+                if !guard.admit(&buf[..n], buf.len(), peer, std::time::Instant::now()) {
+                    continue;
+                }
+                n
+            }
             Err(e) => {
                 let now = unix_now();
                 if now >= last_error_log + 60 {
@@ -184,9 +203,18 @@ async fn serve_socket(
             continue;
         }
         // A new or renewed pool lease: durable before the client hears of it.
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            r = durable_tx.send(out) => if r.is_err() { break },
+        match durable_tx.try_send(out) {
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                // Only bound leases need a flush: those are REQUEST answers.
+                server.ctx.metrics.dhcp("request", "dropped-flush-backlog");
+                let now = unix_now();
+                if now >= last_backlog_log + 60 {
+                    warn!(interface = %iface.name, queued = MAX_PENDING_FLUSHES, "dhcp: lease flushes are behind (slow disk?); dropping replies that need one until they catch up");
+                    last_backlog_log = now;
+                }
+            }
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
     // Let the flusher finish what is queued, bounded.

@@ -136,7 +136,7 @@ fn server_at(dir: &tempfile::TempDir, db_path: &std::path::Path) -> Server {
     let db = crate::durable::test_db(db_path);
     let metrics = Arc::new(RelayMetrics::new());
     let events = Arc::new(EventLog::open(&db, metrics.clone()).unwrap());
-    let leases = Leases::open(&db).unwrap();
+    let leases = Leases::open(&db_path.with_extension("leases"), None).unwrap();
     Server::new(Arc::new(DhcpContext {
         config,
         state,
@@ -745,7 +745,7 @@ fn chainload_gives_an_ipxe_rom_our_loader_once() {
         server: Server::new(Arc::new(DhcpContext {
             config,
             state: shared(RackState::from_static_file(&rack).unwrap()),
-            leases: Leases::open(&db).unwrap(),
+            leases: Leases::open(&dir.path().join("leases"), None).unwrap(),
             events: Arc::new(EventLog::open(&db, metrics.clone()).unwrap()),
             metrics,
             loaders: loaders.clone(),

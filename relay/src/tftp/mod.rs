@@ -78,6 +78,8 @@ struct Server {
     next_id: AtomicU64,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Per-client and total transfer caps (`limits.tftp_per_client`).
+    slots: crate::limits::TransferSlots,
 }
 
 /// Serve TFTP on `socket` until `shutdown` is cancelled; running transfers
@@ -89,13 +91,17 @@ pub async fn run(
 ) -> Result<(), RelayError> {
     let local = socket.local_addr()?;
     let server = Arc::new(Server {
-        ctx,
         main: Arc::new(socket),
         local,
         table: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),
+        slots: crate::limits::TransferSlots::new(
+            ctx.config.limits.tftp_per_client,
+            ctx.config.tftp.max_transfers,
+        ),
+        ctx,
     });
     info!(%local, root = %server.ctx.config.boot.dir.display(), "TFTP server listening");
     let mut buf = vec![0u8; 65536];
@@ -166,6 +172,10 @@ impl Server {
             Err(e) => {
                 debug!(client = %peer, error = %e, "malformed TFTP packet");
                 self.ctx.metrics.tftp("malformed");
+                self.ctx
+                    .metrics
+                    .limits
+                    .drop("tftp", crate::limits::DropReason::Malformed);
                 if matches!(
                     packet::opcode(datagram),
                     Some(packet::OP_RRQ | packet::OP_WRQ)
@@ -224,9 +234,24 @@ impl Server {
             drop(table);
             debug!(client = %peer, "TFTP server busy");
             self.ctx.metrics.tftp("busy");
+            self.ctx
+                .metrics
+                .limits
+                .drop("tftp", crate::limits::DropReason::TransferCap);
             self.reply(peer, code::NOT_DEFINED, "server busy");
             return;
         }
+        let slot = match self.slots.try_acquire(peer.ip()) {
+            Ok(s) => s,
+            Err(why) => {
+                drop(table);
+                debug!(client = %peer, reason = why.label(), "TFTP transfer cap reached");
+                self.ctx.metrics.tftp("busy");
+                self.ctx.metrics.limits.drop("tftp", why);
+                self.reply(peer, code::NOT_DEFINED, "server busy");
+                return;
+            }
+        };
         let entry = Entry {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             key,
@@ -241,6 +266,7 @@ impl Server {
             id: entry.id,
             phase: entry.phase.clone(),
             finished: entry.finished.clone(),
+            _slot: slot,
         };
         self.ctx.metrics.tftp_active.inc();
         let cancel = entry.cancel.clone();
@@ -503,6 +529,8 @@ struct ActiveGuard {
     id: u64,
     phase: Arc<AtomicU8>,
     finished: CancellationToken,
+    /// Freed with the guard, when the transfer task ends.
+    _slot: crate::limits::Slot,
 }
 
 impl ActiveGuard {
