@@ -1,7 +1,10 @@
-//! One UDP datagram into the relay's DHCP server, exactly as the receive
-//! loop hands it over: `Server::process` decodes it (dhcproto plus our own
+//! One UDP datagram into the relay's DHCP server as the receive loop handles
+//! it: the flood guard's shape checks and per-client/per-agent buckets
+//! (`limits::DhcpGuard::admit`, from a fixed client address), then — for
+//! every datagram, admitted or not, so the rate limit does not hide the
+//! decoder — `Server::process`, which decodes it (dhcproto plus our own
 //! option-length checks), runs the whole decision chain against a static
-//! rack (reservations, a dynamic pool backed by a temporary sled database,
+//! rack (reservations, a dynamic pool with its lease log in a temporary dir,
 //! PXE/iPXE/HTTP-boot profiles, relay agents) and encodes the reply. Every
 //! reply we produce must decode again.
 #![no_main]
@@ -13,6 +16,7 @@ use pxemesh_relay::boot::LoaderTracker;
 use pxemesh_relay::config::{Interface, RelayConfig};
 use pxemesh_relay::dhcp::{packet, DhcpContext, Leases, Server};
 use pxemesh_relay::events::EventLog;
+use pxemesh_relay::limits::{dhcp_shape, DhcpGuard};
 use pxemesh_relay::metrics::RelayMetrics;
 use pxemesh_relay::state::{shared, RackState};
 
@@ -21,6 +25,7 @@ const CONFIG: &str = include_str!("../data/relay.toml");
 
 struct World {
     server: Server,
+    guard: DhcpGuard,
     ifaces: Vec<Interface>,
 }
 
@@ -42,11 +47,12 @@ fn world() -> &'static World {
             .expect("sled");
         let metrics = Arc::new(RelayMetrics::new());
         let events = Arc::new(EventLog::open(&db, metrics.clone()).expect("events"));
-        let leases = Leases::open(&db).expect("leases");
+        let leases = Leases::open(&dir.join("leases"), None).expect("leases");
         // n1 has just fetched our boot loader (chainloading): its iPXE gets
         // the script; every other iPXE client is chainloaded first.
         let loaders = Arc::new(LoaderTracker::default());
         loaders.loaded(std::net::Ipv4Addr::new(10, 20, 0, 11));
+        let guard = DhcpGuard::new(&config.limits, metrics.clone());
         let server = Server::new(Arc::new(DhcpContext {
             config: Arc::new(config),
             state,
@@ -55,7 +61,11 @@ fn world() -> &'static World {
             metrics,
             loaders,
         }));
-        World { server, ifaces }
+        World {
+            server,
+            guard,
+            ifaces,
+        }
     })
 }
 
@@ -64,6 +74,14 @@ fuzz_target!(|data: &[u8]| {
     // A fixed clock keeps a crash reproducible from its input alone (lease
     // state still carries over between inputs, as on a real server).
     let now = 1_800_000_000;
+    // The socket buffer is one byte larger than the largest datagram accepted.
+    let capacity = 4097;
+    let shape = dhcp_shape(data, capacity);
+    let peer = std::net::SocketAddr::from(([10, 20, 0, 50], 68));
+    let admitted = w
+        .guard
+        .admit(data, capacity, peer, std::time::Instant::now());
+    assert!(!admitted || shape.is_ok(), "admitted a malformed datagram");
     for iface in &w.ifaces {
         if let Some(out) = w.server.process(iface, data, now) {
             let back = packet::decode(&out.bytes);
