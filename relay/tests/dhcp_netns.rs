@@ -442,6 +442,14 @@ fn dhclient(lab: &mut Lab, ns: &str, name: &str, conf: &str, limit: Duration) ->
         exited = matches!(lab.children[i].1.try_wait(), Ok(Some(_)));
         exited
     }) && !exited;
+    if got {
+        // dhclient runs its script (which writes the env file) before it
+        // writes the lease file: killing it at once lost the lease file on a
+        // loaded machine. Wait for a whole lease block, bounded.
+        wait_for(Duration::from_secs(5), || {
+            fs::read_to_string(&lf).is_ok_and(|l| l.contains('}'))
+        });
+    }
     lab.kill(i);
     got
 }
@@ -960,9 +968,7 @@ fn pool_lease_survives_server_restart() {
     assert!(pool.contains(&a3) && a3 != a1 && a3 != a2, "{a3}");
 }
 
-/// dhclient may run its script before it has written the lease file (seen on
-/// a loaded machine: the file was still empty when the test read it), so
-/// wait for a whole lease block, bounded.
+/// The lease file dhclient wrote (see `dhclient` for the wait).
 fn dhclient_lease_file(lab: &Lab) -> String {
     let mut lease = String::new();
     for _ in 0..50 {
