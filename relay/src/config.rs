@@ -80,6 +80,21 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// Port clients use in URLs (defaults to the listen port; differs behind a NAT or proxy).
     pub advertise_port: Option<u16>,
+    /// Who may report `GET /baremetal/provisiondone/<mac>` for a host.
+    pub provision_done_from: ProvisionDoneFrom,
+}
+
+/// With the CloudStack bridge a provision-done moves an instance to Running,
+/// so production relays should take it only from the host itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProvisionDoneFrom {
+    /// Any client (load tests that send every host's callback from one
+    /// address; the default, for compatibility).
+    Any,
+    /// Only the host's own reserved address; others get 403 and are counted
+    /// (`dropped_total{protocol="http",reason="provision_done_not_from_host"}`).
+    Host,
 }
 
 impl Default for HttpConfig {
@@ -88,6 +103,7 @@ impl Default for HttpConfig {
             enabled: true,
             listen: "0.0.0.0:80".parse().expect("static address"),
             advertise_port: None,
+            provision_done_from: ProvisionDoneFrom::Any,
         }
     }
 }

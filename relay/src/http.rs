@@ -189,10 +189,23 @@ async fn provision_done(
             format!("{mac:?} is not a MAC address"),
         );
     };
-    if ctx.state.load().host_by_mac(&mac).is_none() {
+    let Some(host_ip) = ctx.state.load().host_by_mac(&mac).map(|h| h.ip) else {
         ctx.metrics.http("provisiondone", 404);
         warn!(%mac, %peer, "provision-done from an unknown host");
         return text(StatusCode::NOT_FOUND, format!("no host with MAC {mac}"));
+    };
+    if ctx.config.http.provision_done_from == crate::config::ProvisionDoneFrom::Host
+        && peer.ip() != std::net::IpAddr::V4(host_ip)
+    {
+        ctx.metrics.http("provisiondone", 403);
+        ctx.metrics
+            .limits
+            .drop("http", crate::limits::DropReason::ProvisionDoneNotFromHost);
+        warn!(%mac, %peer, host_ip = %host_ip, "provision-done refused: not sent from the host's own address");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("provision-done for {mac} is accepted only from {host_ip}"),
+        );
     }
     ctx.events.record(
         &mac.to_string(),

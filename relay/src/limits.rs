@@ -159,6 +159,9 @@ pub enum DropReason {
     ClientTransferCap,
     /// Total transfer cap reached.
     TransferCap,
+    /// A provision-done callback for a host, from an address other than the
+    /// host's (`http.provision_done_from = "host"`).
+    ProvisionDoneNotFromHost,
 }
 
 impl DropReason {
@@ -175,6 +178,7 @@ impl DropReason {
             DropReason::RateLimitedRelayAgent => "rate_limited_relay_agent",
             DropReason::ClientTransferCap => "client_transfer_cap",
             DropReason::TransferCap => "transfer_cap",
+            DropReason::ProvisionDoneNotFromHost => "provision_done_not_from_host",
         }
     }
 }

@@ -32,6 +32,13 @@ ip = "127.0.0.1"
 rack = "r1"
 network = "prov"
 profile = "ks"
+[[hosts]]
+name = "n2"
+mac = "52:54:00:12:34:02"
+ip = "127.0.0.2"
+rack = "r1"
+network = "prov"
+profile = "ks"
 "#;
 
 struct Fixture {
@@ -44,6 +51,11 @@ struct Fixture {
 }
 
 async fn start() -> Fixture {
+    start_with("").await
+}
+
+/// `http_extra`: more lines for the relay's `[http]` section.
+async fn start_with(http_extra: &str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let boot = dir.path().join("boot");
     std::fs::create_dir_all(boot.join("centos")).unwrap();
@@ -58,7 +70,7 @@ async fn start() -> Fixture {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let cfg = RelayConfig::from_toml(&format!(
-        "name = \"relay-a\"\ndata_dir = \"{d}\"\nstatic_state = \"{r}\"\n[[interfaces]]\nname = \"lo\"\naddress = \"127.0.0.1\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n[boot]\ndir = \"{b}\"\n",
+        "name = \"relay-a\"\ndata_dir = \"{d}\"\nstatic_state = \"{r}\"\n[[interfaces]]\nname = \"lo\"\naddress = \"127.0.0.1\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{http_extra}\n[boot]\ndir = \"{b}\"\n",
         d = dir.path().display(),
         r = rack.display(),
         b = boot.display()
@@ -317,5 +329,46 @@ async fn keep_alive_connection_moves_from_fast_path_to_router() {
     assert_eq!(code, 200);
     assert!(body == f.blob);
     assert_eq!(header(&headers, "connection"), Some("close"));
+    f.shutdown.cancel();
+}
+
+/// With `provision_done_from = "host"` a host's callback counts only from
+/// its own reserved address (n1 = 127.0.0.1, n2 = 127.0.0.2; curl binds
+/// the source address with `--interface`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_done_only_from_the_hosts_own_address() {
+    let f = start_with("provision_done_from = \"host\"").await;
+    let n2 = format!("{}/baremetal/provisiondone/52:54:00:12:34:02", f.base);
+    // n2's callback sent from n1's address: refused, recorded nowhere.
+    let (code, _, body) = curl(&["--interface", "127.0.0.1", &n2]).await;
+    assert_eq!(code, 403, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("127.0.0.2"));
+    assert!(f
+        .events
+        .since(0, 100)
+        .iter()
+        .all(|e| e.kind != EventKind::ProvisionDone));
+    let refused = f
+        .metrics
+        .limits
+        .dropped
+        .get_or_create(&pxemesh_relay::limits::DropLabels {
+            protocol: "http",
+            reason: "provision_done_not_from_host",
+        })
+        .get();
+    assert_eq!(refused, 1);
+    // From n2's own address: recorded, with the address as the detail.
+    let (code, _, _) = curl(&["--interface", "127.0.0.2", &n2]).await;
+    assert_eq!(code, 200);
+    let done: Vec<_> = f
+        .events
+        .since(0, 100)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::ProvisionDone)
+        .collect();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].mac, "52:54:00:12:34:02");
+    assert_eq!(done[0].detail, "127.0.0.2");
     f.shutdown.cancel();
 }
