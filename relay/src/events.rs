@@ -168,8 +168,8 @@ impl EventLog {
             });
             // The trimming cadence of the journal is kept as if every
             // event were written at once.
-            let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
-            q.len() >= DRAIN_AT || (sequence > self.capacity && sequence.is_multiple_of(every))
+            q.len() >= DRAIN_AT
+                || (sequence > self.capacity && sequence.is_multiple_of(self.trim_every()))
         };
         self.dirty.store(true, Ordering::Release);
         if full {
@@ -177,6 +177,11 @@ impl EventLog {
         }
         self.update_pending();
         self.recorded.notify_one();
+    }
+
+    /// Trimming runs once per this many events.
+    fn trim_every(&self) -> u64 {
+        (self.capacity / 8).clamp(1, TRIM_EVERY)
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<BootEvent>> {
@@ -201,7 +206,7 @@ impl EventLog {
             warn!(error = %e, events = events.len(), "boot event journal write failed");
         }
         let before = self.drained.fetch_max(hi, Ordering::AcqRel);
-        let every = (self.capacity / 8).clamp(1, TRIM_EVERY);
+        let every = self.trim_every();
         if hi > self.capacity && hi / every > before / every {
             self.trim(hi - self.capacity);
         }

@@ -39,16 +39,27 @@ const COMPACT_RATIO: u64 = 4;
 /// …and at least this many records (small files are not worth rewriting).
 const COMPACT_MIN_RECORDS: u64 = 16_384;
 
-/// Append one record for `ip` to `buf`.
+/// Append one record for `ip` to `buf`: the payload is written in place and
+/// the header filled in afterwards (no allocation per record on the DHCP
+/// path).
 pub fn encode(buf: &mut Vec<u8>, ip: Ipv4Addr, lease: &Lease) -> Result<(), RelayError> {
-    let mut payload = Vec::with_capacity(96);
-    payload.extend_from_slice(&ip.octets());
-    serde_json::to_writer(&mut payload, lease)?;
-    let len = u32::try_from(payload.len())
-        .map_err(|_| RelayError::Io(std::io::Error::other("lease record too large")))?;
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    buf.extend_from_slice(&payload);
+    let start = buf.len();
+    buf.extend_from_slice(&[0; HEADER]);
+    buf.extend_from_slice(&ip.octets());
+    if let Err(e) = serde_json::to_writer(&mut *buf, lease) {
+        buf.truncate(start);
+        return Err(e.into());
+    }
+    let payload = start + HEADER;
+    let Ok(len) = u32::try_from(buf.len() - payload) else {
+        buf.truncate(start);
+        return Err(RelayError::Io(std::io::Error::other(
+            "lease record too large",
+        )));
+    };
+    let crc = crc32fast::hash(&buf[payload..]);
+    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    buf[start + 4..payload].copy_from_slice(&crc.to_le_bytes());
     Ok(())
 }
 
