@@ -112,7 +112,7 @@ pub async fn run(
             server.clone(),
             guard.clone(),
             iface,
-            Arc::new(sock),
+            sock,
             stop.clone(),
         ));
     }
@@ -129,57 +129,167 @@ pub async fn run(
     result
 }
 
+/// Shortest interval between two lease syncs of one socket.
+const SYNC_LINGER: Duration = Duration::from_millis(2);
+/// How often an idle receive thread looks at the shutdown token.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// One socket, served by two dedicated OS threads rather than tokio tasks:
+/// a receive thread that decides and answers inline, and a sync thread that
+/// makes pool leases durable in groups and then sends the answers that
+/// waited for it. A blocking `recv_from` costs one system call per packet
+/// and drains a burst without sleeping; the earlier tokio loop paid for an
+/// `epoll_wait`, a failed `recv_from` and a task wake-up per packet, which
+/// was most of its CPU in a perfdhcp storm (docs/benchmarks.md).
 async fn serve_socket(
     server: Arc<Server>,
     guard: Arc<crate::limits::DhcpGuard>,
     iface: Interface,
-    sock: Arc<UdpSocket>,
+    sock: UdpSocket,
     stop: CancellationToken,
+) {
+    let sock = match sock.into_std().and_then(|s| {
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(STOP_POLL))?;
+        Ok(s)
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(interface = %iface.name, error = %e, "dhcp: cannot prepare the socket; interface not served");
+            return;
+        }
+    };
+    let send_sock = match sock.try_clone() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(interface = %iface.name, error = %e, "dhcp: cannot clone the socket; interface not served");
+            return;
+        }
+    };
+    let queue = Arc::new(DurableQueue::default());
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let sync_thread = {
+        let (server, queue, iface) = (server.clone(), queue.clone(), iface.clone());
+        std::thread::Builder::new()
+            .name(format!("dhcp-sync-{}", iface.name))
+            .spawn(move || sync_loop(&server, &queue, &send_sock, &iface))
+    };
+    let sync_thread = match sync_thread {
+        Ok(t) => t,
+        Err(e) => {
+            error!(interface = %iface.name, error = %e, "dhcp: cannot start the lease sync thread; interface not served");
+            return;
+        }
+    };
+    let rx_iface = iface.clone();
+    let rx_queue = queue.clone();
+    let rx = std::thread::Builder::new()
+        .name(format!("dhcp-rx-{}", iface.name))
+        .spawn(move || {
+            receive_loop(&server, &guard, &rx_iface, &sock, &rx_queue, &stop);
+            rx_queue.close();
+            // The sync thread sends what is queued, then ends.
+            let _ = sync_thread.join();
+            let _ = done_tx.send(());
+        });
+    if let Err(e) = rx {
+        error!(interface = %iface.name, error = %e, "dhcp: cannot start the receive thread; interface not served");
+        queue.close();
+        return;
+    }
+    // Both threads end within STOP_POLL of the token plus the last flush.
+    let _ = done_rx.await;
+}
+
+/// Replies waiting for a group commit of the lease log.
+#[derive(Default)]
+struct DurableQueue {
+    inner: std::sync::Mutex<DurableInner>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct DurableInner {
+    replies: Vec<Outgoing>,
+    closed: bool,
+    /// The sync thread sleeps on `ready` (a push must wake it).
+    waiting: bool,
+}
+
+impl DurableQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, DurableInner> {
+        // Pushes and takes are single operations: a poisoned queue is intact.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a reply; false when [`MAX_PENDING_FLUSHES`] are already waiting.
+    fn push(&self, out: Outgoing) -> bool {
+        let mut q = self.lock();
+        if q.replies.len() >= MAX_PENDING_FLUSHES {
+            return false;
+        }
+        q.replies.push(out);
+        let wake = q.waiting;
+        drop(q);
+        if wake {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Everything queued (waiting for at least one); None once closed and empty.
+    fn take(&self, into: &mut Vec<Outgoing>) -> Option<()> {
+        let mut q = self.lock();
+        loop {
+            if !q.replies.is_empty() {
+                std::mem::swap(&mut q.replies, into);
+                return Some(());
+            }
+            if q.closed {
+                return None;
+            }
+            q.waiting = true;
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+            q.waiting = false;
+        }
+    }
+}
+
+fn receive_loop(
+    server: &Server,
+    guard: &crate::limits::DhcpGuard,
+    iface: &Interface,
+    sock: &StdUdpSocket,
+    queue: &DurableQueue,
+    stop: &CancellationToken,
 ) {
     // One byte more than we accept: a datagram that fills it was oversize.
     let mut buf = vec![0u8; RECV_BUF + 1];
-    // Group commit: replies that need a durable lease wait in this queue; one
-    // flusher makes everything queued so far durable with a single flush and
-    // then sends all of it. A full queue applies back-pressure to receiving.
-    let (durable_tx, mut durable_rx) = tokio::sync::mpsc::channel::<Outgoing>(MAX_PENDING_FLUSHES);
-    let flusher = {
-        let (server, sock, iface) = (server.clone(), sock.clone(), iface.clone());
-        tokio::spawn(async move {
-            let mut batch = Vec::new();
-            while let Some(first) = durable_rx.recv().await {
-                batch.push(first);
-                while let Ok(more) = durable_rx.try_recv() {
-                    batch.push(more);
-                }
-                match server.ctx.leases.flush_async().await {
-                    Ok(()) => {
-                        for out in batch.drain(..) {
-                            send(&sock, &iface, &out).await;
-                        }
-                    }
-                    Err(e) => {
-                        error!(error = %e, replies = batch.len(), "dhcp: lease flush failed; replies not sent");
-                        batch.clear();
-                    }
-                }
-            }
-        })
-    };
     let mut last_error_log = 0u64;
     let mut last_backlog_log = 0u64;
-    loop {
-        let received = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            r = sock.recv_from(&mut buf) => r,
-        };
-        let n = match received {
+    while !stop.is_cancelled() {
+        let n = match sock.recv_from(&mut buf) {
             Ok((n, peer)) => {
                 // Flood control and shape checks (limits.rs), before decoding.
                 if !guard.admit(&buf[..n], buf.len(), peer, std::time::Instant::now()) {
                     continue;
                 }
                 n
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
             }
             Err(e) => {
                 let now = unix_now();
@@ -188,42 +298,62 @@ async fn serve_socket(
                     last_error_log = now;
                 }
                 // Never spin on a persistent error.
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                }
+                std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
         };
-        let Some(out) = server.process(&iface, &buf[..n], unix_now()) else {
+        let Some(out) = server.process(iface, &buf[..n], unix_now()) else {
             continue;
         };
         if !out.flush {
-            send(&sock, &iface, &out).await;
+            send(sock, iface, &out);
             continue;
         }
         // A new or renewed pool lease: durable before the client hears of it.
-        match durable_tx.try_send(out) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
-                // Only bound leases need a flush: those are REQUEST answers.
-                server.ctx.metrics.dhcp("request", "dropped-flush-backlog");
-                let now = unix_now();
-                if now >= last_backlog_log + 60 {
-                    warn!(interface = %iface.name, queued = MAX_PENDING_FLUSHES, "dhcp: lease flushes are behind (slow disk?); dropping replies that need one until they catch up");
-                    last_backlog_log = now;
-                }
+        if !queue.push(out) {
+            // Only bound leases need a flush: those are REQUEST answers.
+            server.ctx.metrics.dhcp("request", "dropped-flush-backlog");
+            let now = unix_now();
+            if now >= last_backlog_log + 60 {
+                warn!(interface = %iface.name, queued = MAX_PENDING_FLUSHES, "dhcp: lease flushes are behind (slow disk?); dropping replies that need one until they catch up");
+                last_backlog_log = now;
             }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
-    // Let the flusher finish what is queued, bounded.
-    drop(durable_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), flusher).await;
 }
 
-async fn send(sock: &UdpSocket, iface: &Interface, out: &Outgoing) {
-    if let Err(e) = sock.send_to(&out.bytes, out.dest).await {
+/// Group commit: one flush makes everything queued so far durable, then all
+/// of it is sent. Runs until the queue is closed and drained.
+fn sync_loop(server: &Server, queue: &DurableQueue, sock: &StdUdpSocket, iface: &Interface) {
+    let mut batch = Vec::new();
+    let mut last_sync: Option<std::time::Instant> = None;
+    loop {
+        // At most one sync per SYNC_LINGER: on a fast disk a sync per ACK
+        // (plus two context switches each) cost more CPU than answering;
+        // a lease waits at most SYNC_LINGER longer for its ACK.
+        if let Some(wait) = last_sync.and_then(|t| SYNC_LINGER.checked_sub(t.elapsed())) {
+            std::thread::sleep(wait);
+        }
+        if queue.take(&mut batch).is_none() {
+            break;
+        }
+        last_sync = Some(std::time::Instant::now());
+        match server.ctx.leases.flush() {
+            Ok(()) => {
+                for out in batch.drain(..) {
+                    send(sock, iface, &out);
+                }
+            }
+            Err(e) => {
+                error!(error = %e, replies = batch.len(), "dhcp: lease flush failed; replies not sent");
+                batch.clear();
+            }
+        }
+    }
+}
+
+fn send(sock: &StdUdpSocket, iface: &Interface, out: &Outgoing) {
+    if let Err(e) = sock.send_to(&out.bytes, out.dest) {
         warn!(interface = %iface.name, dest = %out.dest, error = %e, "dhcp: send failed");
     }
 }
