@@ -8,6 +8,11 @@ use pxemesh_relay::config::RelayConfig;
 use pxemesh_relay::server::{run, RelayListeners};
 use tokio_util::sync::CancellationToken;
 
+// Small, short-lived allocations on the DHCP path, freed on other threads
+// (events, lease log): mimalloc handles that pattern far better than glibc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "pxemesh-relay",

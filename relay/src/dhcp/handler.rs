@@ -199,8 +199,8 @@ impl Server {
         };
         let h = self.handle(iface, &req, now);
         self.ctx.metrics.dhcp(h.msg_type, h.outcome);
-        let reply = h.reply?;
-        match packet::encode(&reply) {
+        let mut reply = h.reply?;
+        match packet::encode(&mut reply) {
             Ok(bytes) => Some(Outgoing {
                 bytes,
                 dest: reply.dest,

@@ -26,6 +26,7 @@ const HEADER_LEN: usize = 240;
 const MAGIC: [u8; 4] = [99, 130, 83, 99];
 /// RFC 1542: BOOTP relay agents may drop messages shorter than this.
 const MIN_REPLY_LEN: usize = 300;
+const REPLY_CAPACITY: usize = 640;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Malformed {
@@ -159,11 +160,18 @@ pub fn decode(bytes: &[u8]) -> Result<Request, Malformed> {
 
 /// Encode a reply: dhcproto's encoding, then option 82 spliced in verbatim
 /// just before the end option, then padded to the BOOTP minimum.
-pub fn encode(reply: &Reply) -> Result<Vec<u8>, String> {
-    let mut msg = reply.msg.clone();
-    msg.opts_mut().remove(OptionCode::RelayAgentInformation);
-    let mut buf = Vec::with_capacity(MIN_REPLY_LEN);
-    msg.encode(&mut Encoder::new(&mut buf))
+/// Takes the reply mutably to drop any option 82 from the message in place
+/// (a clone of the whole message per reply was a measurable cost).
+pub fn encode(reply: &mut Reply) -> Result<Vec<u8>, String> {
+    reply
+        .msg
+        .opts_mut()
+        .remove(OptionCode::RelayAgentInformation);
+    // Room for a typical PXE reply without regrowing.
+    let mut buf = Vec::with_capacity(REPLY_CAPACITY);
+    reply
+        .msg
+        .encode(&mut Encoder::new(&mut buf))
         .map_err(|e| e.to_string())?;
     if let Some(info) = &reply.relay_info {
         if buf.last() != Some(&255) {
@@ -323,12 +331,12 @@ mod tests {
         b.push(255);
         let r = decode(&b).unwrap();
         assert_eq!(r.relay_info.as_deref(), Some(&raw82[..]));
-        let reply = Reply {
+        let mut reply = Reply {
             msg: discover(),
             dest: "10.0.0.1:67".parse().unwrap(),
             relay_info: r.relay_info,
         };
-        let out = encode(&reply).unwrap();
+        let out = encode(&mut reply).unwrap();
         assert!(out.len() >= MIN_REPLY_LEN);
         let back = decode(&out).unwrap();
         assert_eq!(back.relay_info.as_deref(), Some(&raw82[..]));
