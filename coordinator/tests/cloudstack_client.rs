@@ -426,7 +426,10 @@ async fn listing_feeds_the_planner() {
     let p = plan(&inputs);
     assert_eq!(p.racks.len(), 1);
     assert_eq!(p.profiles.len(), 1);
-    assert_eq!(p.hosts.len(), 4, "{:#?}", p.skipped);
+    // Every bare metal host has a record: 4 with their instance's
+    // reservation, 3 idle ones without.
+    assert_eq!(p.hosts.len(), 7, "{:#?}", p.skipped);
+    assert_eq!(p.hosts.iter().filter(|h| h.ip.is_some()).count(), 4);
     assert_eq!(p.idle.len(), 3);
     assert!(p.skipped.is_empty(), "{:?}", p.skipped);
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);
