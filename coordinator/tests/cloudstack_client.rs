@@ -172,6 +172,13 @@ async fn list_all_pages_until_exhausted() {
 async fn async_job_is_polled_to_completion() {
     let sim = Sim::start().await;
     sim.state.lock().unwrap().job_pending_polls = 3;
+    sim.set(
+        "vms",
+        vec![
+            json!({"id": "v-7", "name": "inst-7", "state": "Starting", "hypervisor": "BareMetal",
+                    "nic": [{"id": "n-7", "macaddress": "52:54:00:00:01:07", "isdefault": true}]}),
+        ],
+    );
     let c = client(&sim);
     notify_provision_done(&c, "52:54:00:00:01:07")
         .await
@@ -180,8 +187,26 @@ async fn async_job_is_polled_to_completion() {
     assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
     let job = st.jobs.values().next().unwrap();
     assert_eq!(job.polls, 4, "3 pending answers, then the result");
+    // As CloudStack: the instance is Running now, and a repeated
+    // notification fails (the instance is not Starting any more).
+    assert_eq!(st.collections["vms"][0]["state"], "Running");
     drop(st);
     assert_eq!(c.metrics().job_polls.get(), 4);
+    sim.state.lock().unwrap().job_pending_polls = 0;
+    match notify_provision_done(&c, "52:54:00:00:01:07").await {
+        Err(CsError::AsyncJobFailed {
+            errorcode,
+            errortext,
+            ..
+        }) => {
+            assert_eq!(errorcode, 530);
+            assert!(
+                errortext.contains("not in state of Starting"),
+                "{errortext}"
+            );
+        }
+        other => panic!("a repeated notify must fail: {other:?}"),
+    }
 }
 
 #[tokio::test]
