@@ -183,14 +183,15 @@ async fn async_job_is_polled_to_completion() {
     notify_provision_done(&c, "52:54:00:00:01:07")
         .await
         .unwrap();
-    let st = sim.state.lock().unwrap();
-    assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
-    let job = st.jobs.values().next().unwrap();
-    assert_eq!(job.polls, 4, "3 pending answers, then the result");
-    // As CloudStack: the instance is Running now, and a repeated
-    // notification fails (the instance is not Starting any more).
-    assert_eq!(st.collections["vms"][0]["state"], "Running");
-    drop(st);
+    {
+        let st = sim.state.lock().unwrap();
+        assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
+        let job = st.jobs.values().next().unwrap();
+        assert_eq!(job.polls, 4, "3 pending answers, then the result");
+        // As CloudStack: the instance is Running now, and a repeated
+        // notification fails (the instance is not Starting any more).
+        assert_eq!(st.collections["vms"][0]["state"], "Running");
+    }
     assert_eq!(c.metrics().job_polls.get(), 4);
     sim.state.lock().unwrap().job_pending_polls = 0;
     match notify_provision_done(&c, "52:54:00:00:01:07").await {
