@@ -744,6 +744,8 @@ async fn bridge_on(c: &Cluster, id: u64, present: bool) {
             && st["state"] == "up"
             && reserved(c, id, "bm-1").await == present
         {
+            // The stint wrote only after committing its fencing epoch.
+            assert_eq!(st["fence_epoch"], st["term"], "{st}");
             return;
         }
         assert!(

@@ -194,6 +194,8 @@ pub struct BridgeStatus {
     pub notifies_accepted: u64,
     pub jobs_submitted: u64,
     pub skipped: Vec<String>,
+    /// The replicated fencing epoch once this stint committed it (0 before).
+    pub fence_epoch: u64,
 }
 
 struct Shared {
@@ -448,6 +450,7 @@ impl Bridge {
                         self.metrics.active.set(1);
                         self.handle.update(|s| {
                             s.active = true;
+                            s.fence_epoch = 0;
                             s.state = "starting".into();
                             s.term = status.term;
                             s.leader_id = status.leader_id;
@@ -470,6 +473,8 @@ impl Bridge {
                 match self.claim_epoch(st.term).await {
                     Ok(()) => {
                         st.claimed = true;
+                        let epoch = st.term;
+                        self.handle.update(|s| s.fence_epoch = epoch);
                         info!(
                             term = st.term,
                             epoch = st.term,
