@@ -1487,6 +1487,96 @@ mod tests {
     }
 
     #[test]
+    fn hosts_without_a_reservation() {
+        let (_d, st) = state();
+        let mut i = 0;
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.5")]),
+        )
+        .unwrap();
+        // Back to idle: the address is freed, the MAC stays taken.
+        let Record::Host(mut idle) = host("h1", "52:54:00:00:00:01", "10.0.0.5") else {
+            unreachable!()
+        };
+        idle.ip = None;
+        idle.network.clear();
+        idle.bmc = Some(Bmc {
+            address: "10.9.0.5".into(),
+            port: DEFAULT_BMC_PORT,
+            username: "admin".into(),
+            password: None,
+            cipher_suite: DEFAULT_CIPHER_SUITE,
+        });
+        apply(&st, &mut i, Command::Put(vec![Record::Host(idle.clone())])).unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![host("h2", "52:54:00:00:00:02", "10.0.0.5")]),
+        )
+        .expect("the freed address");
+        assert!(matches!(
+            apply(
+                &st,
+                &mut i,
+                Command::Put(vec![host("h3", "52:54:00:00:00:01", "10.0.0.6")])
+            ),
+            Err(StateError::Conflict(_))
+        ));
+        // Only reserved hosts use a network: h2 blocks the delete, h1 not.
+        apply(
+            &st,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Host,
+                name: "h2".into(),
+            },
+        )
+        .unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Network,
+                name: "n1".into(),
+            },
+        )
+        .expect("no reserved host left in n1");
+        // Half a reservation, or a profile without one, is refused.
+        let mut half = idle.clone();
+        half.network = "n1".into();
+        assert!(matches!(
+            apply(&st, &mut i, Command::Put(vec![Record::Host(half)])),
+            Err(StateError::Invalid(_))
+        ));
+        let mut prof = idle.clone();
+        prof.profile = Some("p".into());
+        let err = apply(&st, &mut i, Command::Put(vec![Record::Host(prof)])).unwrap_err();
+        assert!(err.to_string().contains("needs a reservation"), "{err}");
+        // Power jobs work on it (it has a BMC).
+        let out = apply(
+            &st,
+            &mut i,
+            Command::Jobs(crate::jobs::JobCommand::Submit {
+                action: "power-status".into(),
+                args: Default::default(),
+                hosts: vec!["h1".into()],
+                idempotency_key: String::new(),
+                now_ms: 1,
+            }),
+        )
+        .unwrap();
+        assert_eq!(out.records.len(), 1);
+    }
+
+    #[test]
     fn fenced_writes_with_a_stale_epoch_are_refused_at_apply() {
         let (_d, st) = state();
         let mut idx = 0u64;
