@@ -16,6 +16,14 @@ pub enum StateError {
     Conflict(String),
     #[error("{0}")]
     InUse(String),
+    /// A fenced writer's command carried an epoch below the one stored
+    /// (a newer stint of that writer has started; see `Command::Fenced`).
+    #[error("{writer} write fenced: its epoch {epoch} is below the current epoch {current}")]
+    Fenced {
+        writer: String,
+        epoch: u64,
+        current: u64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

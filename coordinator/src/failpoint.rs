@@ -13,7 +13,8 @@
 //! The hot path pays one relaxed atomic load when no failpoint is configured.
 //! Points in the code (see ARCHITECTURE.md): `after_log_append`,
 //! `before_apply`, `after_apply`, `after_snapshot_state`,
-//! `before_compaction_rewrite`, `during_conf_change`.
+//! `before_compaction_rewrite`, `during_conf_change`,
+//! `cloudstack_after_notify_accepted`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

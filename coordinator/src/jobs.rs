@@ -520,7 +520,7 @@ mod tests {
         Record::Host(Host {
             name: name.into(),
             mac: format!("52:54:00:00:00:{n:02x}").parse().unwrap(),
-            ip: format!("10.0.0.{n}").parse().unwrap(),
+            ip: Some(format!("10.0.0.{n}").parse().unwrap()),
             hostname: String::new(),
             rack: "r1".into(),
             network: "n1".into(),

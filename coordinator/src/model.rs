@@ -182,10 +182,16 @@ pub struct Bmc {
 pub struct Host {
     pub name: String,
     pub mac: Mac,
-    pub ip: Ipv4Addr,
+    /// The reservation (address inside `network`). `None` (with an empty
+    /// `network`): a known machine without a reservation, e.g. an idle
+    /// CloudStack bare metal host. It has a MAC and maybe a BMC (power jobs
+    /// work) but relays do not answer it: DHCP treats it as an unknown MAC.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
     #[serde(default)]
     pub hostname: String,
     pub rack: String,
+    #[serde(default)]
     pub network: String,
     #[serde(default)]
     pub profile: Option<String>,
@@ -195,6 +201,16 @@ pub struct Host {
     pub bmc: Option<Bmc>,
     #[serde(default)]
     pub meta: Meta,
+}
+
+impl Host {
+    /// The reserved address and its network, when the host has a reservation.
+    pub fn reservation(&self) -> Option<(Ipv4Addr, &str)> {
+        match self.ip {
+            Some(ip) if !self.network.is_empty() => Some((ip, self.network.as_str())),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -518,5 +534,35 @@ mod serde_tests {
         });
         let back: Record = serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
         assert_eq!(back, p);
+    }
+
+    #[test]
+    fn host_json_before_optional_reservations_still_reads() {
+        // As stored before `ip` became optional.
+        let old = r#"{"kind":"host","spec":{"name":"h1","mac":"52:54:00:00:00:01","ip":"10.0.0.5",
+            "rack":"r1","network":"n1","meta":{"create_revision":3,"revision":4}}}"#;
+        let Record::Host(h) = serde_json::from_str::<Record>(old).unwrap() else {
+            panic!("not a host")
+        };
+        assert_eq!(h.reservation(), Some(("10.0.0.5".parse().unwrap(), "n1")));
+        assert_eq!(h.meta.revision, 4);
+        // A host without a reservation round-trips and has none.
+        let idle = Host {
+            ip: None,
+            network: String::new(),
+            ..h
+        };
+        let text = serde_json::to_string(&Record::Host(idle.clone())).unwrap();
+        let Record::Host(back) = serde_json::from_str::<Record>(&text).unwrap() else {
+            panic!("not a host")
+        };
+        assert_eq!(back, idle);
+        assert_eq!(back.reservation(), None);
+        let no_fields =
+            r#"{"kind":"host","spec":{"name":"h2","mac":"52:54:00:00:00:02","rack":"r1"}}"#;
+        let Record::Host(h2) = serde_json::from_str::<Record>(no_fields).unwrap() else {
+            panic!("not a host")
+        };
+        assert_eq!(h2.reservation(), None);
     }
 }

@@ -14,6 +14,7 @@
 //! - `s:meta:revision`            global revision (u64 BE)
 //! - `s:meta:applied`             applied raft index and term
 //! - `s:peer:<id>`                coordinator peer address
+//! - `s:fence:<writer>`           fencing epoch of a leader-run writer (u64 BE)
 
 use std::collections::BTreeMap;
 
@@ -72,6 +73,10 @@ fn ip_key(network: &str, ip: std::net::Ipv4Addr) -> Vec<u8> {
     format!("s:idx:ip:{network}:{ip}").into_bytes()
 }
 
+fn fence_key(writer: &str) -> Vec<u8> {
+    format!("s:fence:{writer}").into_bytes()
+}
+
 fn peer_key(id: u64) -> Vec<u8> {
     format!("{PEER_PREFIX}{id:020}").into_bytes()
 }
@@ -94,6 +99,22 @@ pub enum Command {
     },
     /// Power and boot-device jobs (`jobs.rs`).
     Jobs(crate::jobs::JobCommand),
+    /// A leader-run writer (the CloudStack bridge) starts a stint: its
+    /// fencing epoch (the Raft term it leads in) becomes the stored one.
+    /// Refused (`StateError::Fenced`) when a higher epoch is already stored.
+    ClaimEpoch {
+        writer: String,
+        epoch: u64,
+    },
+    /// A command of a fenced writer: applied only while `epoch` is not below
+    /// the writer's stored epoch, checked here at apply time on every node,
+    /// so a deposed stint cannot get a write through after a newer one
+    /// claimed its epoch.
+    Fenced {
+        writer: String,
+        epoch: u64,
+        command: Box<Command>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -373,10 +394,10 @@ fn check_put(txn: &mut Txn, rec: &Record, old: Option<&Record>) -> Result<(), Co
                 if prev.subnet != n.subnet {
                     for h in hosts {
                         if let Some(Record::Host(host)) = txn.record(Kind::Host, &h)? {
-                            if !n.subnet.contains(&host.ip) {
+                            if let Some(ip) = host.ip.filter(|ip| !n.subnet.contains(ip)) {
                                 return Err(StateError::InUse(format!(
-                                    "network {}: new subnet {} would leave host {} ({}) outside it",
-                                    n.name, n.subnet, host.name, host.ip
+                                    "network {}: new subnet {} would leave host {} ({ip}) outside it",
+                                    n.name, n.subnet, host.name
                                 ))
                                 .into());
                             }
@@ -393,38 +414,21 @@ fn check_put(txn: &mut Txn, rec: &Record, old: Option<&Record>) -> Result<(), Co
 fn check_host(txn: &mut Txn, h: &Host, old: Option<&Record>) -> Result<(), CoordError> {
     let ctx = format!("host {}", h.name);
     require(txn, Kind::Rack, &h.rack, &ctx)?;
-    let Some(net) = network_of(txn, &h.network)? else {
-        return Err(StateError::Invalid(format!("{ctx}: unknown network {:?}", h.network)).into());
-    };
-    if net.rack != h.rack {
-        return Err(StateError::Invalid(format!(
-            "{ctx}: network {} belongs to rack {}, not {}",
-            net.name, net.rack, h.rack
-        ))
-        .into());
-    }
-    if !net.subnet.contains(&h.ip) {
-        return Err(StateError::Invalid(format!(
-            "{ctx}: IP {} is outside network {} ({})",
-            h.ip, net.name, net.subnet
-        ))
-        .into());
-    }
-    if net.subnet.prefix_len() < 31
-        && (h.ip == net.subnet.network() || h.ip == net.subnet.broadcast())
-    {
-        return Err(StateError::Invalid(format!(
-            "{ctx}: IP {} is the network or broadcast address of {}",
-            h.ip, net.subnet
-        ))
-        .into());
-    }
-    if Some(h.ip) == net.gateway {
-        return Err(StateError::Invalid(format!(
-            "{ctx}: IP {} is the gateway of network {}",
-            h.ip, net.name
-        ))
-        .into());
+    match h.reservation() {
+        Some((ip, network)) => check_reservation(txn, h, ip, network, &ctx)?,
+        None if h.ip.is_some() || !h.network.is_empty() => {
+            return Err(StateError::Invalid(format!(
+                "{ctx}: ip and network are set together (both, or neither for a host without a reservation)"
+            ))
+            .into());
+        }
+        None if h.profile.is_some() => {
+            return Err(StateError::Invalid(format!(
+                "{ctx}: a boot profile needs a reservation (ip and network)"
+            ))
+            .into());
+        }
+        None => {}
     }
     if let Some(p) = &h.profile {
         require(txn, Kind::Profile, p, &ctx)?;
@@ -439,22 +443,71 @@ fn check_host(txn: &mut Txn, h: &Host, old: Option<&Record>) -> Result<(), Coord
             .into());
         }
     }
-    if let Some(owner) = txn.get(&ip_key(&h.network, h.ip))? {
-        let owner = String::from_utf8_lossy(&owner).into_owned();
-        if owner != h.name {
-            return Err(StateError::Conflict(format!(
-                "duplicate IP {} in network {}: already used by host {owner}",
-                h.ip, h.network
-            ))
-            .into());
+    if let Some((ip, network)) = h.reservation() {
+        if let Some(owner) = txn.get(&ip_key(network, ip))? {
+            let owner = String::from_utf8_lossy(&owner).into_owned();
+            if owner != h.name {
+                return Err(StateError::Conflict(format!(
+                    "duplicate IP {ip} in network {network}: already used by host {owner}"
+                ))
+                .into());
+            }
         }
     }
     if let Some(Record::Host(prev)) = old {
         txn.del(mac_key(prev));
-        txn.del(ip_key(&prev.network, prev.ip));
+        if let Some((ip, network)) = prev.reservation() {
+            txn.del(ip_key(network, ip));
+        }
     }
     txn.put(mac_key(h), h.name.clone().into_bytes());
-    txn.put(ip_key(&h.network, h.ip), h.name.clone().into_bytes());
+    if let Some((ip, network)) = h.reservation() {
+        txn.put(ip_key(network, ip), h.name.clone().into_bytes());
+    }
+    Ok(())
+}
+
+/// A host's reservation: the network exists in the host's rack and the
+/// address is a usable one of its subnet.
+fn check_reservation(
+    txn: &Txn,
+    h: &Host,
+    ip: std::net::Ipv4Addr,
+    network: &str,
+    ctx: &str,
+) -> Result<(), CoordError> {
+    let Some(net) = network_of(txn, network)? else {
+        return Err(StateError::Invalid(format!("{ctx}: unknown network {network:?}")).into());
+    };
+    if net.rack != h.rack {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: network {} belongs to rack {}, not {}",
+            net.name, net.rack, h.rack
+        ))
+        .into());
+    }
+    if !net.subnet.contains(&ip) {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {ip} is outside network {} ({})",
+            net.name, net.subnet
+        ))
+        .into());
+    }
+    if net.subnet.prefix_len() < 31 && (ip == net.subnet.network() || ip == net.subnet.broadcast())
+    {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {ip} is the network or broadcast address of {}",
+            net.subnet
+        ))
+        .into());
+    }
+    if Some(ip) == net.gateway {
+        return Err(StateError::Invalid(format!(
+            "{ctx}: IP {ip} is the gateway of network {}",
+            net.name
+        ))
+        .into());
+    }
     Ok(())
 }
 
@@ -499,7 +552,9 @@ fn check_delete(txn: &mut Txn, old: &Record) -> Result<(), CoordError> {
         }
         Record::Host(h) => {
             txn.del(mac_key(h));
-            txn.del(ip_key(&h.network, h.ip));
+            if let Some((ip, network)) = h.reservation() {
+                txn.del(ip_key(network, ip));
+            }
         }
         Record::Image(_) | Record::Job(_) | Record::Relay(_) => {}
     }
@@ -577,6 +632,11 @@ impl State {
             out.push(serde_json::from_slice(&v)?);
         }
         Ok(out)
+    }
+
+    /// The fencing epoch a leader-run writer last claimed (0 when never).
+    pub fn fence_epoch(&self, writer: &str) -> Result<u64, CoordError> {
+        read_u64(self.tree.get(fence_key(writer))?.map(|v| v.to_vec()))
     }
 
     /// The highest event id stored so far (0 when none).
@@ -735,6 +795,34 @@ impl State {
         let mut changes: Vec<Change> = Vec::new();
         let mut acked_sequence = 0u64;
         let verdict: Result<(), CoordError> = (|| {
+            let cmd = match cmd {
+                Command::Fenced {
+                    writer,
+                    epoch,
+                    command,
+                } => {
+                    let current = read_u64(txn.get(&fence_key(writer))?)?;
+                    if *epoch < current {
+                        return Err(StateError::Fenced {
+                            writer: writer.clone(),
+                            epoch: *epoch,
+                            current,
+                        }
+                        .into());
+                    }
+                    if matches!(
+                        **command,
+                        Command::Fenced { .. } | Command::ClaimEpoch { .. }
+                    ) {
+                        return Err(StateError::Invalid(
+                            "a fenced command cannot wrap another fence command".into(),
+                        )
+                        .into());
+                    }
+                    &**command
+                }
+                other => other,
+            };
             match cmd {
                 Command::Put(records) => {
                     let mut seen = std::collections::BTreeSet::new();
@@ -865,6 +953,21 @@ impl State {
                     changes.extend(eff.changes);
                     stored.extend(eff.records);
                 }
+                Command::ClaimEpoch { writer, epoch } => {
+                    let current = read_u64(txn.get(&fence_key(writer))?)?;
+                    if *epoch < current {
+                        return Err(StateError::Fenced {
+                            writer: writer.clone(),
+                            epoch: *epoch,
+                            current,
+                        }
+                        .into());
+                    }
+                    txn.put(fence_key(writer), epoch.to_be_bytes().to_vec());
+                }
+                Command::Fenced { .. } => {
+                    // Unwrapped above; a nested one was refused.
+                }
             }
             Ok(())
         })();
@@ -887,7 +990,9 @@ impl State {
         if let Some((index, term)) = commit {
             let keep = outcome.is_ok() && changed;
             // Events are history, not desired state: stored without a revision.
-            let history = outcome.is_ok() && matches!(cmd, Command::BootEvents { .. });
+            // So is a fencing epoch: bookkeeping of the writers, not records.
+            let history = outcome.is_ok()
+                && matches!(cmd, Command::BootEvents { .. } | Command::ClaimEpoch { .. });
             if keep {
                 txn.put(KEY_REVISION.to_vec(), next.to_be_bytes().to_vec());
                 txn.put(change_key(next), serde_json::to_vec(&changes)?);
@@ -946,7 +1051,7 @@ mod tests {
         Record::Host(Host {
             name: name.into(),
             mac: mac.parse().unwrap(),
-            ip: ip.parse().unwrap(),
+            ip: Some(ip.parse().unwrap()),
             hostname: String::new(),
             rack: "r1".into(),
             network: "n1".into(),
@@ -1379,5 +1484,162 @@ mod tests {
         assert_eq!(out.results[0].outcome, Outcome::Created);
         assert!(s.get(Kind::Rack, "r1").unwrap().is_none());
         assert_eq!(s.revision().unwrap(), 0);
+    }
+
+    #[test]
+    fn hosts_without_a_reservation() {
+        let (_d, st) = state();
+        let mut i = 0;
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![rack("r1"), net("n1", "r1", "10.0.0.0/24")]),
+        )
+        .unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![host("h1", "52:54:00:00:00:01", "10.0.0.5")]),
+        )
+        .unwrap();
+        // Back to idle: the address is freed, the MAC stays taken.
+        let Record::Host(mut idle) = host("h1", "52:54:00:00:00:01", "10.0.0.5") else {
+            unreachable!()
+        };
+        idle.ip = None;
+        idle.network.clear();
+        idle.bmc = Some(Bmc {
+            address: "10.9.0.5".into(),
+            port: DEFAULT_BMC_PORT,
+            username: "admin".into(),
+            password: None,
+            cipher_suite: DEFAULT_CIPHER_SUITE,
+        });
+        apply(&st, &mut i, Command::Put(vec![Record::Host(idle.clone())])).unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Put(vec![host("h2", "52:54:00:00:00:02", "10.0.0.5")]),
+        )
+        .expect("the freed address");
+        assert!(matches!(
+            apply(
+                &st,
+                &mut i,
+                Command::Put(vec![host("h3", "52:54:00:00:00:01", "10.0.0.6")])
+            ),
+            Err(StateError::Conflict(_))
+        ));
+        // Only reserved hosts use a network: h2 blocks the delete, h1 not.
+        apply(
+            &st,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Host,
+                name: "h2".into(),
+            },
+        )
+        .unwrap();
+        apply(
+            &st,
+            &mut i,
+            Command::Delete {
+                kind: Kind::Network,
+                name: "n1".into(),
+            },
+        )
+        .expect("no reserved host left in n1");
+        // Half a reservation, or a profile without one, is refused.
+        let mut half = idle.clone();
+        half.network = "n1".into();
+        assert!(matches!(
+            apply(&st, &mut i, Command::Put(vec![Record::Host(half)])),
+            Err(StateError::Invalid(_))
+        ));
+        let mut prof = idle.clone();
+        prof.profile = Some("p".into());
+        let err = apply(&st, &mut i, Command::Put(vec![Record::Host(prof)])).unwrap_err();
+        assert!(err.to_string().contains("needs a reservation"), "{err}");
+        // Power jobs work on it (it has a BMC).
+        let out = apply(
+            &st,
+            &mut i,
+            Command::Jobs(crate::jobs::JobCommand::Submit {
+                action: "power-status".into(),
+                args: Default::default(),
+                hosts: vec!["h1".into()],
+                idempotency_key: String::new(),
+                now_ms: 1,
+            }),
+        )
+        .unwrap();
+        assert_eq!(out.records.len(), 1);
+    }
+
+    #[test]
+    fn fenced_writes_with_a_stale_epoch_are_refused_at_apply() {
+        let (_d, st) = state();
+        let mut idx = 0u64;
+        let mut run = |cmd: Command| {
+            idx += 1;
+            st.execute(&cmd, Some((idx, 1))).unwrap()
+        };
+        let fenced = |epoch: u64, rec: Record| Command::Fenced {
+            writer: "cloudstack".into(),
+            epoch,
+            command: Box::new(Command::Put(vec![rec])),
+        };
+        let claim = |epoch: u64| Command::ClaimEpoch {
+            writer: "cloudstack".into(),
+            epoch,
+        };
+        // Stint of term 3 claims and writes.
+        run(claim(3)).unwrap();
+        assert_eq!(st.fence_epoch("cloudstack").unwrap(), 3);
+        let out = run(fenced(3, rack("r-old"))).unwrap();
+        assert_eq!(out.results[0].outcome, Outcome::Created);
+        // A newer stint (term 5) claims; the old stint's next write is
+        // refused and changes nothing (no record, no revision).
+        run(claim(5)).unwrap();
+        let rev = st.revision().unwrap();
+        match run(fenced(3, rack("r-late"))) {
+            Err(StateError::Fenced {
+                writer,
+                epoch,
+                current,
+            }) => assert_eq!((writer.as_str(), epoch, current), ("cloudstack", 3, 5)),
+            other => panic!("expected fenced, got {other:?}"),
+        }
+        assert!(st.get(Kind::Rack, "r-late").unwrap().is_none());
+        assert_eq!(st.revision().unwrap(), rev);
+        // An old claim is refused too; the stored epoch stays.
+        assert!(matches!(run(claim(4)), Err(StateError::Fenced { .. })));
+        assert_eq!(st.fence_epoch("cloudstack").unwrap(), 5);
+        // The current stint writes; other writers are independent.
+        assert!(run(fenced(5, rack("r-new"))).is_ok());
+        assert!(run(Command::Fenced {
+            writer: "other".into(),
+            epoch: 1,
+            command: Box::new(Command::Put(vec![rack("r-other")])),
+        })
+        .is_ok());
+        // Nesting is refused.
+        assert!(matches!(
+            run(Command::Fenced {
+                writer: "cloudstack".into(),
+                epoch: 5,
+                command: Box::new(claim(9)),
+            }),
+            Err(StateError::Invalid(_))
+        ));
+        assert_eq!(st.fence_epoch("cloudstack").unwrap(), 5);
+        // The epoch survives as state (a snapshot carries `s:` keys).
+        let dump: Vec<_> = st
+            .tree
+            .scan_prefix(b"s:fence:")
+            .keys()
+            .map(|k| String::from_utf8(k.unwrap().to_vec()).unwrap())
+            .collect();
+        assert_eq!(dump, ["s:fence:cloudstack"]);
     }
 }

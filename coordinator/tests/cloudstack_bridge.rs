@@ -3,9 +3,11 @@
 //! injectable failures):
 //!
 //! - a pod with two bare metal hosts and one kickstart instance yields the
-//!   rack, the host with its reservation and BMC (password sealed), and the
-//!   kickstart profile; a second sync changes nothing; an expunged instance
-//!   loses its reservation;
+//!   rack, both hosts (one with the instance's reservation, the idle one
+//!   without, each with its BMC, password sealed; a power job on the idle one
+//!   is leased to the rack's relay with its credentials), and the kickstart
+//!   profile; a second sync changes nothing; an expunged instance returns its
+//!   host to idle; a host removed from CloudStack loses its record;
 //! - an instance entering `Starting` gets `bootdev-pxe` then `power-on`
 //!   (once, also across re-syncs); a provision-done event becomes exactly one
 //!   accepted `notifyBaremetalProvisionDone`, also when the first attempts
@@ -293,8 +295,96 @@ async fn pod_hosts_instance_and_template_become_records_idempotently() {
     );
     assert_eq!(prof.image, "cs-t-ks1");
     assert_eq!(hits.load(Ordering::SeqCst), 2);
-    // The idle host (bm-2) is seen but has no instance to reserve for.
-    assert!(get_host(&c, leader, "bm-2").await.is_none());
+    // The idle host (bm-2): a record with its MAC, BMC and labels, but no
+    // reservation.
+    let idle = get_host(&c, leader, "bm-2")
+        .await
+        .expect("idle host record");
+    assert_eq!(
+        (
+            idle.mac.as_str(),
+            idle.ip.as_str(),
+            idle.network.as_str(),
+            idle.profile.as_str(),
+            idle.rack.as_str()
+        ),
+        ("52:54:00:0c:5a:02", "", "", "", "rack-a")
+    );
+    assert_eq!(
+        idle.labels.get("cloudstack.host-id").map(String::as_str),
+        Some("h-2")
+    );
+    assert_eq!(
+        idle.labels
+            .get("cloudstack.memory-bytes")
+            .map(String::as_str),
+        Some("34359738368")
+    );
+    assert!(!idle.labels.contains_key("cloudstack.vm-id"));
+    let ibmc = idle.bmc.clone().expect("idle host bmc");
+    assert_eq!(ibmc.address, "127.0.0.102");
+    assert!(ibmc.password_set);
+    // pxemeshctl shows it without an address.
+    let (ok, got, out) = ctl_json(&c, &["host", "get", "bm-2"]);
+    assert!(ok, "{out}");
+    assert_eq!(got["ip"], "", "{got}");
+    let table = String::from_utf8_lossy(&c.ctl(&["host", "list"]).stdout).to_string();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("bm-2"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(row.contains(" - "), "{row}");
+    // It is power-controllable: a job is accepted and the rack's relay
+    // leases it with the host's BMC credentials (password unsealed).
+    let mut admin = c.client(leader);
+    let sub = admin
+        .submit_jobs(pb::SubmitJobsRequest {
+            action: "power-status".into(),
+            hosts: Some(pb::HostSelector {
+                names: vec!["bm-2".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("power job on the idle host")
+        .into_inner();
+    assert_eq!(sub.jobs.len(), 1);
+    let relay_tls = c.pki.tls(
+        Role::Relay {
+            rack: "rack-a".into(),
+            name: "relay-1".into(),
+        },
+        "relay-1",
+    );
+    let ch = pxemesh_coordinator::client::channel(&c.addr(leader), relay_tls)
+        .await
+        .unwrap();
+    let mut relay = RelayServiceClient::new(ch);
+    let leased = relay
+        .lease_jobs(pb::LeaseJobsRequest {
+            max_jobs: 10,
+            lease_seconds: 30,
+            wait_ms: 2000,
+        })
+        .await
+        .expect("lease")
+        .into_inner()
+        .jobs;
+    let lj = leased
+        .iter()
+        .find(|l| l.job.as_ref().is_some_and(|j| j.host == "bm-2"))
+        .expect("idle host's job leased");
+    let creds = lj.bmc.clone().expect("bmc credentials");
+    assert_eq!(
+        (
+            creds.address.as_str(),
+            creds.username.as_str(),
+            creds.password.as_str()
+        ),
+        ("127.0.0.102", "ADMIN", BMC_PW)
+    );
+    report(&mut relay, lj.job.as_ref().unwrap(), "power off").await;
 
     // The same CloudStack state again: nothing changes (the sealed password
     // is kept, not re-sealed).
@@ -316,11 +406,45 @@ async fn pod_hosts_instance_and_template_become_records_idempotently() {
     assert!(st["syncs"].as_u64().unwrap() >= 2, "{st}");
     assert_eq!(st["objects_changed"], 0, "{st}");
 
-    // Expunged: the reservation goes.
+    // Expunged: the reservation goes, the host record stays (idle, BMC kept).
     sim.set("vms", vec![vm("Expunging")]);
     let s = sync(&c);
     assert_eq!(s["objects_changed"], 1, "{s}");
-    assert!(get_host(&c, leader, "bm-1").await.is_none());
+    let back = get_host(&c, leader, "bm-1").await.expect("bm-1 kept, idle");
+    assert_eq!(
+        (
+            back.ip.as_str(),
+            back.network.as_str(),
+            back.profile.as_str()
+        ),
+        ("", "", "")
+    );
+    assert_eq!(back.mac, VM_MAC);
+    assert!(!back.labels.contains_key("cloudstack.vm-id"));
+    assert!(back.bmc.as_ref().is_some_and(|b| b.password_set));
+    // The address is free again for another host.
+    let mut other = c.client(leader);
+    put(
+        &mut other,
+        pb::Object {
+            record: Some(pb::object::Record::Host(pb::Host {
+                name: "hand-made".into(),
+                mac: "52:54:00:99:00:01".into(),
+                ip: "10.20.0.50".into(),
+                rack: "rack-a".into(),
+                network: "net-a".into(),
+                ..Default::default()
+            })),
+        },
+    )
+    .await
+    .expect("the freed address can be reserved");
+    // The host removed from CloudStack: its record is deleted.
+    sim.set("hosts", vec![cs_host(1)]);
+    let s = sync(&c);
+    assert_eq!(s["objects_changed"], 1, "{s}");
+    assert!(get_host(&c, leader, "bm-2").await.is_none());
+    assert!(get_host(&c, leader, "bm-1").await.is_some());
     assert!(
         c.metric(
             leader,
@@ -571,7 +695,7 @@ async fn management_server_outage_backs_off_and_catches_up() {
     sim.set("vms", vec![vm("Running")]);
     sim.state.lock().unwrap().failure = None;
     let t = Instant::now();
-    while get_host(&c, leader, "bm-1").await.is_none() {
+    while !reserved(&c, leader, "bm-1").await {
         assert!(t.elapsed() < Duration::from_secs(15), "did not catch up");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -602,8 +726,15 @@ fn caller(ua: &str) -> Option<(u64, u64)> {
     Some((node?, term?))
 }
 
+/// Host `name` has a reservation (an instance); idle hosts have none.
+async fn reserved(c: &Cluster, id: u64, name: &str) -> bool {
+    get_host(c, id, name)
+        .await
+        .is_some_and(|h| !h.ip.is_empty())
+}
+
 /// Waits until `id` runs the bridge and has synced CloudStack's current
-/// state (host bm-1 present or absent as `present`).
+/// state (host bm-1 reserved for the instance or idle as `present`).
 async fn bridge_on(c: &Cluster, id: u64, present: bool) {
     let t = Instant::now();
     loop {
@@ -611,8 +742,10 @@ async fn bridge_on(c: &Cluster, id: u64, present: bool) {
         if ok
             && st["node_id"] == id
             && st["state"] == "up"
-            && get_host(c, id, "bm-1").await.is_some() == present
+            && reserved(c, id, "bm-1").await == present
         {
+            // The stint wrote only after committing its fencing epoch.
+            assert_eq!(st["fence_epoch"], st["term"], "{st}");
             return;
         }
         assert!(
@@ -633,7 +766,7 @@ async fn leader_failover_moves_the_bridge_without_overlap() {
     seed_rack(&c, first).await;
     let s = sync(&c);
     assert_eq!(s["node_id"], first);
-    assert!(get_host(&c, first, "bm-1").await.is_some());
+    assert!(reserved(&c, first, "bm-1").await);
 
     // Freeze the leader: the others elect a new one, which takes over.
     c.pause(first);
@@ -690,4 +823,131 @@ async fn leader_failover_moves_the_bridge_without_overlap() {
     }
     let nodes: Vec<u64> = order.iter().map(|(n, _)| *n).collect();
     assert_eq!(nodes, [first, second, third], "bridges in turn: {order:?}");
+}
+
+/// The leader dies after CloudStack accepted `notifyBaremetalProvisionDone`
+/// but before the "notified" label was committed (failpoint
+/// `cloudstack_after_notify_accepted=exit` on every node). The new leader
+/// finds the committed intent, asks CloudStack for the instance (the
+/// simulator moved it Starting → Running on the accepted call, as CloudStack
+/// does) and records the notification without calling again. Its syncs fail
+/// meanwhile (listTemplates refused), so its host record still says
+/// `Starting`: only the intent check keeps it from notifying a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_crash_after_an_accepted_notify_does_not_notify_again() {
+    let sim = Sim::start().await;
+    populate(&sim, Some("Stopped"));
+    let mut c = cluster(3, &sim);
+    let all = [1, 2, 3];
+    for id in all {
+        c.kill(id);
+        c.spawn_env(
+            id,
+            &[(
+                "PXEMESH_FAILPOINTS",
+                "cloudstack_after_notify_accepted=exit",
+            )],
+        );
+    }
+    let first = c.wait_leader(&all, Duration::from_secs(20)).await;
+    seed_rack(&c, first).await;
+    sim.set("vms", vec![vm("Starting")]);
+    let s = sync(&c);
+    assert_eq!(s["node_id"], first, "{s}");
+    let h = get_host(&c, first, "bm-1").await.expect("bm-1");
+    assert_eq!(
+        h.labels.get("cloudstack.vm-state").map(String::as_str),
+        Some("Starting")
+    );
+    // From now on every sync fails (the host records keep saying Starting).
+    sim.fail_next(Failure {
+        count: 100_000,
+        http_status: 530,
+        error: Some((530, "listTemplates unavailable".into())),
+        command: Some("listTemplates"),
+    });
+
+    let relay_tls = c.pki.tls(
+        Role::Relay {
+            rack: "rack-a".into(),
+            name: "relay-1".into(),
+        },
+        "relay-1",
+    );
+    let ch = pxemesh_coordinator::client::channel(&c.addr(first), relay_tls)
+        .await
+        .unwrap();
+    let mut relay = RelayServiceClient::new(ch);
+    relay
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![pb::BootEvent {
+                sequence: 1,
+                host_mac: VM_MAC.into(),
+                kind: "provision-done".into(),
+                detail: "GET /baremetal/provisiondone".into(),
+                unix_ms: 1,
+            }],
+        })
+        .await
+        .expect("report provision-done");
+
+    // The leader notifies, CloudStack accepts, the leader dies at once.
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = c.exited(first) {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the leader never reached the failpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(137), "crashed by the failpoint");
+    assert_eq!(accepted_notifies(&sim), 1);
+    assert_eq!(
+        sim.state.lock().unwrap().collections["vms"][0]["state"],
+        "Running",
+        "CloudStack moved the instance on the accepted call"
+    );
+
+    // A new leader takes over and settles the notification in flight.
+    let rest: Vec<u64> = all.into_iter().filter(|i| *i != first).collect();
+    let second = c.wait_leader(&rest, Duration::from_secs(20)).await;
+    let t = Instant::now();
+    loop {
+        let h = get_host(&c, second, "bm-1").await;
+        if h.as_ref()
+            .and_then(|h| h.labels.get("cloudstack.bridge.notified-event"))
+            .is_some()
+        {
+            let h = h.unwrap();
+            assert_eq!(
+                h.labels.get("cloudstack.bridge.notify-intent"),
+                h.labels.get("cloudstack.bridge.notified-event")
+            );
+            assert_eq!(
+                h.labels.get("cloudstack.vm-state").map(String::as_str),
+                Some("Starting"),
+                "the syncs failed: the record still says Starting"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the new leader never settled the notification"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // More time for a (wrong) second call to show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attempts = sim.state.lock().unwrap().provision_done.clone();
+    assert_eq!(attempts, [VM_MAC], "exactly one notify call in all");
+    assert_eq!(accepted_notifies(&sim), 1);
+    let log = c.log_text(second);
+    assert!(
+        log.contains("instance already left Starting"),
+        "the new leader asked CloudStack"
+    );
+    assert!(c.exited(second).is_none(), "the new leader did not notify");
 }

@@ -172,16 +172,42 @@ async fn list_all_pages_until_exhausted() {
 async fn async_job_is_polled_to_completion() {
     let sim = Sim::start().await;
     sim.state.lock().unwrap().job_pending_polls = 3;
+    sim.set(
+        "vms",
+        vec![
+            json!({"id": "v-7", "name": "inst-7", "state": "Starting", "hypervisor": "BareMetal",
+                    "nic": [{"id": "n-7", "macaddress": "52:54:00:00:01:07", "isdefault": true}]}),
+        ],
+    );
     let c = client(&sim);
     notify_provision_done(&c, "52:54:00:00:01:07")
         .await
         .unwrap();
-    let st = sim.state.lock().unwrap();
-    assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
-    let job = st.jobs.values().next().unwrap();
-    assert_eq!(job.polls, 4, "3 pending answers, then the result");
-    drop(st);
+    {
+        let st = sim.state.lock().unwrap();
+        assert_eq!(st.provision_done, ["52:54:00:00:01:07"]);
+        let job = st.jobs.values().next().unwrap();
+        assert_eq!(job.polls, 4, "3 pending answers, then the result");
+        // As CloudStack: the instance is Running now, and a repeated
+        // notification fails (the instance is not Starting any more).
+        assert_eq!(st.collections["vms"][0]["state"], "Running");
+    }
     assert_eq!(c.metrics().job_polls.get(), 4);
+    sim.state.lock().unwrap().job_pending_polls = 0;
+    match notify_provision_done(&c, "52:54:00:00:01:07").await {
+        Err(CsError::AsyncJobFailed {
+            errorcode,
+            errortext,
+            ..
+        }) => {
+            assert_eq!(errorcode, 530);
+            assert!(
+                errortext.contains("not in state of Starting"),
+                "{errortext}"
+            );
+        }
+        other => panic!("a repeated notify must fail: {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -426,7 +452,10 @@ async fn listing_feeds_the_planner() {
     let p = plan(&inputs);
     assert_eq!(p.racks.len(), 1);
     assert_eq!(p.profiles.len(), 1);
-    assert_eq!(p.hosts.len(), 4, "{:#?}", p.skipped);
+    // Every bare metal host has a record: 4 with their instance's
+    // reservation, 3 idle ones without.
+    assert_eq!(p.hosts.len(), 7, "{:#?}", p.skipped);
+    assert_eq!(p.hosts.iter().filter(|h| h.ip.is_some()).count(), 4);
     assert_eq!(p.idle.len(), 3);
     assert!(p.skipped.is_empty(), "{:?}", p.skipped);
     assert!(p.warnings.is_empty(), "{:?}", p.warnings);

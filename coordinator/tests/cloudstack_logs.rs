@@ -55,6 +55,16 @@ async fn secret_key_is_never_logged() {
 
     let sim = Sim::start().await;
     sim.set("hosts", (0..4).map(host).collect());
+    // The instance the notification is for (the simulator, like CloudStack,
+    // refuses a notify for a MAC without a Starting instance).
+    sim.set(
+        "vms",
+        vec![
+            serde_json::json!({"id": "v-1", "name": "inst-1", "state": "Starting",
+            "hypervisor": "BareMetal",
+            "nic": [{"id": "n-1", "macaddress": "52:54:00:00:01:01", "isdefault": true}]}),
+        ],
+    );
     let mut s = settings(&sim);
     s.page_size = 3;
     let c = Client::new(s).unwrap();

@@ -302,7 +302,7 @@ pub fn host_record_json(prefix: &str, index: u64) -> Result<(String, Vec<u8>)> {
         hostname: name.clone(),
         name: name.clone(),
         mac,
-        ip,
+        ip: Some(ip),
         rack: RACK.into(),
         network: NETWORK.into(),
         profile: None,

@@ -179,7 +179,10 @@ pub fn ipxe_script(host: &Host, profile: Option<&Profile>, base: &str) -> Result
             .ipxe_script
             .replace("{{base}}", base)
             .replace("{{mac}}", &host.mac.to_string())
-            .replace("{{ip}}", &host.ip.to_string())
+            .replace(
+                "{{ip}}",
+                &host.ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            )
             .replace("{{hostname}}", &host.hostname)
             .replace("{{name}}", &host.name);
         return Ok(if s.starts_with("#!ipxe") {
@@ -283,7 +286,7 @@ mod tests {
         Host {
             name: "n1".into(),
             mac: "52:54:00:12:34:01".parse().unwrap(),
-            ip: "10.20.0.11".parse().unwrap(),
+            ip: Some("10.20.0.11".parse().unwrap()),
             hostname: "n1.example".into(),
             rack: "r1".into(),
             network: "prov".into(),

@@ -189,7 +189,7 @@ async fn provision_done(
             format!("{mac:?} is not a MAC address"),
         );
     };
-    let Some(host_ip) = ctx.state.load().host_by_mac(&mac).map(|h| h.ip) else {
+    let Some(host_ip) = ctx.state.load().host_by_mac(&mac).and_then(|h| h.ip) else {
         ctx.metrics.http("provisiondone", 404);
         warn!(%mac, %peer, "provision-done from an unknown host");
         return text(StatusCode::NOT_FOUND, format!("no host with MAC {mac}"));

@@ -58,16 +58,33 @@ impl RackState {
         profiles: Vec<Profile>,
     ) -> Result<RackState, String> {
         let mut by_mac = HashMap::new();
+        let mut by_ip = HashMap::new();
         let mut ips = HashMap::new();
+        // Hosts without a reservation (an idle CloudStack host) are known
+        // but never answered: they stay out of the lookup indexes, so DHCP,
+        // TFTP and HTTP treat their MAC as unknown.
+        let mut macs = std::collections::HashSet::new();
         for (i, h) in hosts.iter().enumerate() {
+            if !macs.insert(h.mac) {
+                return Err(format!("duplicate MAC {} (host {})", h.mac, h.name));
+            }
+            let Some((ip, network)) = h.reservation() else {
+                if h.ip.is_some() || !h.network.is_empty() {
+                    return Err(format!(
+                        "host {}: ip and network are set together (both, or neither)",
+                        h.name
+                    ));
+                }
+                continue;
+            };
             let net = networks
                 .iter()
-                .find(|n| n.name == h.network)
-                .ok_or_else(|| format!("host {}: unknown network {:?}", h.name, h.network))?;
-            if !net.subnet.contains(&h.ip) {
+                .find(|n| n.name == network)
+                .ok_or_else(|| format!("host {}: unknown network {:?}", h.name, network))?;
+            if !net.subnet.contains(&ip) {
                 return Err(format!(
                     "host {}: IP {} is outside network {} ({})",
-                    h.name, h.ip, net.name, net.subnet
+                    h.name, ip, net.name, net.subnet
                 ));
             }
             if let Some(p) = &h.profile {
@@ -75,15 +92,14 @@ impl RackState {
                     return Err(format!("host {}: unknown profile {p:?}", h.name));
                 }
             }
-            if by_mac.insert(h.mac, i).is_some() {
-                return Err(format!("duplicate MAC {} (host {})", h.mac, h.name));
-            }
-            if let Some(other) = ips.insert((h.network.clone(), h.ip), h.name.clone()) {
+            by_mac.insert(h.mac, i);
+            if let Some(other) = ips.insert((network.to_string(), ip), h.name.clone()) {
                 return Err(format!(
                     "duplicate IP {} in network {}: hosts {other} and {}",
-                    h.ip, h.network, h.name
+                    ip, network, h.name
                 ));
             }
+            by_ip.insert(ip, i);
         }
         for (i, a) in networks.iter().enumerate() {
             for b in &networks[i + 1..] {
@@ -96,7 +112,6 @@ impl RackState {
                 }
             }
         }
-        let by_ip = hosts.iter().enumerate().map(|(i, h)| (h.ip, i)).collect();
         Ok(RackState {
             by_ip,
             rack: rack.to_string(),
@@ -147,6 +162,8 @@ impl RackState {
         RackState::new(&file.rack, 0, file.networks, file.hosts, file.profiles)
     }
 
+    /// The reserved host with this MAC (hosts without a reservation are
+    /// not found: the relay does not answer them).
     pub fn host_by_mac(&self, mac: &Mac) -> Option<&Host> {
         self.by_mac.get(mac).map(|i| &self.hosts[*i])
     }

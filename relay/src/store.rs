@@ -439,7 +439,7 @@ mod tests {
         Record::Host(Host {
             name: name.into(),
             mac: mac.parse().unwrap(),
-            ip: ip.parse().unwrap(),
+            ip: Some(ip.parse().unwrap()),
             hostname: String::new(),
             rack: rack.into(),
             network: net.into(),

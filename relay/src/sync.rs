@@ -969,7 +969,7 @@ mod tests {
         Record::Host(Host {
             name: name.into(),
             mac: mac.parse().unwrap(),
-            ip: ip.parse().unwrap(),
+            ip: Some(ip.parse().unwrap()),
             hostname: String::new(),
             rack: rack.into(),
             network: "n1".into(),

@@ -428,9 +428,11 @@ fn cloudstack_instance_boots_through_the_relay_and_ipmi_py_drives_the_bmc() {
     let d = dir.path().to_path_buf();
     let bmc_port = free_udp();
     let bmc = Bmc::start(&d, "bmc1", BMC_IP, bmc_port);
-    // bm-2's BMC: CloudStack knows it, pxemesh has no host record for it.
+    // A BMC neither CloudStack nor pxemesh knows yet (what addHost checks
+    // with `ipmi.py ping` before the host exists). bm-2 (127.0.0.12) is known:
+    // the bridge gives the idle host a record with its BMC.
     let bmc2_port = free_udp();
-    let _bmc2 = Bmc::start(&d, "bmc2", "127.0.0.12", bmc2_port);
+    let _bmc2 = Bmc::start(&d, "bmc2", "127.0.0.13", bmc2_port);
 
     let ca = Ca::generate(TD, 1).unwrap();
     ca.save(&d).unwrap();
@@ -712,7 +714,7 @@ lease_seconds = 6
     let (code, out, err) = lab.ipmi_py(
         &[
             "ping",
-            "hostname=127.0.0.12",
+            "hostname=127.0.0.13",
             "usrname=admin",
             &pw_arg,
             "interface=lan",
@@ -724,7 +726,7 @@ lease_seconds = 6
     let (code, _, err) = lab.ipmi_py(
         &[
             "ping",
-            "hostname=127.0.0.12",
+            "hostname=127.0.0.13",
             "usrname=admin",
             "password=wrong-pw",
             "interface=lan",

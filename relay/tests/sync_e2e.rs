@@ -307,7 +307,13 @@ async fn relay_follows_its_rack_and_serves_it_without_coordinators() {
     .await;
     let mac = "52:54:00:00:00:03".parse().unwrap();
     assert_eq!(
-        state.load().host_by_mac(&mac).unwrap().ip.to_string(),
+        state
+            .load()
+            .host_by_mac(&mac)
+            .unwrap()
+            .ip
+            .unwrap()
+            .to_string(),
         "10.0.0.13"
     );
 

@@ -22,6 +22,7 @@ fn to_proto(s: BridgeStatus) -> pb::CloudStackStatusResponse {
         jobs_submitted: s.jobs_submitted,
         skipped: s.skipped,
         last_success_unix_ms: s.last_success_unix_ms,
+        fence_epoch: s.fence_epoch,
     }
 }
 

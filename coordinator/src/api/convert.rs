@@ -197,9 +197,24 @@ pub fn host_from_proto(h: &pb::Host) -> R<(Host, Option<String>)> {
         .mac
         .parse()
         .map_err(|e: String| bad(format!("{ctx}: {e}")))?;
-    let ip = ipv4(&format!("{ctx}: ip"), &h.ip)?;
-    if h.rack.is_empty() || h.network.is_empty() {
-        return Err(bad(format!("{ctx}: rack and network must be set")));
+    if h.rack.is_empty() {
+        return Err(bad(format!("{ctx}: rack must be set")));
+    }
+    // Empty ip and network: a host without a reservation (relays do not
+    // answer it; power jobs work when it has a BMC).
+    let ip = match (h.ip.is_empty(), h.network.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(ipv4(&format!("{ctx}: ip"), &h.ip)?),
+        _ => {
+            return Err(bad(format!(
+                "{ctx}: ip and network are set together (both, or neither for a host without a reservation)"
+            )))
+        }
+    };
+    if ip.is_none() && !h.profile.is_empty() {
+        return Err(bad(format!(
+            "{ctx}: a boot profile needs a reservation (ip and network)"
+        )));
     }
     if !h.hostname.is_empty()
         && (h.hostname.len() > 253
@@ -362,7 +377,7 @@ pub fn record_to_proto(rec: &Record) -> pb::Object {
             O::Host(pb::Host {
                 name: h.name.clone(),
                 mac: h.mac.to_string(),
-                ip: h.ip.to_string(),
+                ip: h.ip.map(|ip| ip.to_string()).unwrap_or_default(),
                 hostname: h.hostname.clone(),
                 rack: h.rack.clone(),
                 network: h.network.clone(),
@@ -581,6 +596,30 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("cipher suite 1"));
+        h.bmc.as_mut().unwrap().cipher_suite = 17;
+
+        // No reservation: ip and network both empty.
+        let mut idle = h.clone();
+        idle.ip.clear();
+        idle.network.clear();
+        let (got, _) = host_from_proto(&idle).unwrap();
+        assert_eq!((got.ip, got.network.as_str()), (None, ""));
+        assert!(got.bmc.is_some());
+        let Some(pb::object::Record::Host(out)) = record_to_proto(&Record::Host(got)).record else {
+            panic!()
+        };
+        assert_eq!((out.ip.as_str(), out.network.as_str()), ("", ""));
+        idle.network = "n1".into();
+        assert!(host_from_proto(&idle)
+            .unwrap_err()
+            .to_string()
+            .contains("set together"));
+        idle.network.clear();
+        idle.profile = "p".into();
+        assert!(host_from_proto(&idle)
+            .unwrap_err()
+            .to_string()
+            .contains("needs a reservation"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub fn to_status(e: CoordError) -> Status {
             e @ StateError::NotFound { .. } => Status::not_found(e.to_string()),
             StateError::Conflict(m) => Status::already_exists(m),
             StateError::InUse(m) => Status::failed_precondition(m),
+            e @ StateError::Fenced { .. } => Status::aborted(e.to_string()),
         },
         CoordError::Invalid(m) => Status::invalid_argument(m),
         CoordError::Upstream(m) => Status::failed_precondition(m),

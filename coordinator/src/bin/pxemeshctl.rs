@@ -368,15 +368,17 @@ struct HostPut {
     /// MAC address of the provisioning NIC (aa:bb:cc:dd:ee:ff).
     #[arg(long)]
     mac: String,
-    /// Reserved IP address, inside the network's subnet.
-    #[arg(long)]
-    ip: IpAddr,
+    /// Reserved IP address, inside the network's subnet. Without --ip and
+    /// --network the host has no reservation: relays do not answer it, power
+    /// jobs work when it has a BMC.
+    #[arg(long, requires = "network")]
+    ip: Option<IpAddr>,
     /// Rack the host is in.
     #[arg(long)]
     rack: String,
     /// Network the reservation belongs to.
-    #[arg(long)]
-    network: String,
+    #[arg(long, requires = "ip")]
+    network: Option<String>,
     /// Hostname handed out by DHCP.
     #[arg(long)]
     hostname: Option<String>,
@@ -583,6 +585,15 @@ fn nonzero(n: u32) -> String {
     }
 }
 
+/// "-" for an empty field that means "none" (a host without a reservation).
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
 fn yes_no(b: bool) -> String {
     if b { "yes" } else { "no" }.to_string()
 }
@@ -621,7 +632,7 @@ fn record_row(record: &Record) -> Vec<String> {
             vec![
                 h.name.clone(),
                 h.mac.clone(),
-                h.ip.clone(),
+                dash(&h.ip),
                 h.rack.clone(),
                 h.network.clone(),
                 h.profile.clone(),
@@ -672,7 +683,7 @@ fn record_details(record: &Record) -> Vec<(&'static str, String)> {
             let mut v = vec![
                 ("name", h.name.clone()),
                 ("mac", h.mac.clone()),
-                ("ip", h.ip.clone()),
+                ("ip", dash(&h.ip)),
                 ("hostname", h.hostname.clone()),
                 ("rack", h.rack.clone()),
                 ("network", h.network.clone()),
@@ -1557,10 +1568,10 @@ impl HostPut {
         Ok(Record::Host(Host {
             name: self.name,
             mac: self.mac,
-            ip: self.ip.to_string(),
+            ip: self.ip.map(|ip| ip.to_string()).unwrap_or_default(),
             hostname: self.hostname.unwrap_or_default(),
             rack: self.rack,
-            network: self.network,
+            network: self.network.unwrap_or_default(),
             profile: self.profile.unwrap_or_default(),
             labels: labels_map(self.labels),
             bmc,

@@ -5,8 +5,13 @@
 //! User-Agent names the node and the term, and syncs on the configured
 //! interval or on demand (`pxemeshctl cloudstack sync`):
 //!
-//! 1. fence: this node is leader in the term it started with, confirmed by a
-//!    ReadIndex barrier (a quorum still follows it);
+//! 0. a stint starts by committing its fencing epoch (`Command::ClaimEpoch`,
+//!    writer `cloudstack`, epoch = the Raft term it leads in); every write
+//!    of the stint is a `Command::Fenced` carrying that epoch, which the
+//!    state machine refuses at apply time, on every node, once a newer stint
+//!    claimed a higher epoch (`StateError::Fenced` → the stint stops);
+//! 1. fence (cheap early-out): this node is leader in the term it started
+//!    with, confirmed by a ReadIndex barrier (a quorum still follows it);
 //! 2. `fetch` the listing, `plan` it against the replicated records;
 //! 3. write racks, profiles, hosts (BMC password sealed with the cluster key,
 //!    the stored ciphertext kept when the password is the same), deletes,
@@ -17,7 +22,16 @@
 //!    replicated per-host start counter);
 //! 5. provision-done events of bridge hosts become `notifyBaremetalProvisionDone`
 //!    calls, retried with back-off; the accepted event id is replicated in a
-//!    host label so a new leader does not notify again.
+//!    host label so a new leader does not notify again. Before calling, the
+//!    event id is committed as a "notify in flight" intent label: a stint
+//!    that finds an intent without the done label (the previous leader died
+//!    between CloudStack accepting and the label commit) first asks
+//!    CloudStack for the instance's state and notifies only if it is still
+//!    `Starting`. CloudStack's `BaremetalManagerImpl.notifyProvisionDone`
+//!    is not idempotent: it moves a `Starting` instance to `Running` and
+//!    fails (`CloudRuntimeException` "... is not in state of Starting",
+//!    API error 530) for an instance in any other state, so a blind second
+//!    notify would fail and be retried forever.
 //!
 //! Bookkeeping lives in host labels under `cloudstack.bridge.` (replicated,
 //! carried over by `plan`). A failing sync backs off (1 s doubling, capped by
@@ -37,10 +51,10 @@ use tracing::{debug, info, warn};
 
 use super::client::{Client, ClientMetrics, ClientSettings, CsError};
 use super::config::CloudStackConfig;
-use super::fetch::{fetch, notify_provision_done};
+use super::fetch::{fetch, notify_provision_done, vm_state as cs_vm_state};
 use super::reconcile::{plan, Inputs, Mapping, BRIDGE_LABEL_PREFIX, LABEL_VM_ID, LABEL_VM_STATE};
 use crate::crypto::ClusterKey;
-use crate::error::CoordError;
+use crate::error::{CoordError, StateError};
 use crate::jobs::JobCommand;
 use crate::model::{Host, Kind, Record};
 use crate::node::NodeHandle;
@@ -56,6 +70,15 @@ pub const LABEL_STATUS_JOB: &str = "cloudstack.bridge.status-job";
 pub const LABEL_START_POWER: &str = "cloudstack.bridge.start-power";
 /// The id of the last provision-done event CloudStack accepted.
 pub const LABEL_NOTIFIED_EVENT: &str = "cloudstack.bridge.notified-event";
+/// The id of the provision-done event being notified (committed before the
+/// call; equal to `LABEL_NOTIFIED_EVENT` once it is done).
+pub const LABEL_NOTIFY_INTENT: &str = "cloudstack.bridge.notify-intent";
+/// Failpoint between CloudStack accepting a notification and the done label
+/// being committed (crash tests).
+pub const FAILPOINT_AFTER_NOTIFY: &str = "cloudstack_after_notify_accepted";
+
+/// The writer name of the bridge's fencing epoch (`Command::ClaimEpoch`).
+pub const FENCE_WRITER: &str = "cloudstack";
 
 const TICK: Duration = Duration::from_millis(250);
 const BACKOFF_INITIAL: Duration = Duration::from_secs(1);
@@ -171,6 +194,8 @@ pub struct BridgeStatus {
     pub notifies_accepted: u64,
     pub jobs_submitted: u64,
     pub skipped: Vec<String>,
+    /// The replicated fencing epoch once this stint committed it (0 before).
+    pub fence_epoch: u64,
 }
 
 struct Shared {
@@ -292,6 +317,11 @@ pub struct Bridge {
 /// Per-leadership state of the loop.
 struct Stint {
     term: u64,
+    /// The stint's fencing epoch is committed (nothing is written before).
+    claimed: bool,
+    /// A write was refused for a stale epoch: a newer stint exists; this
+    /// one does nothing more (the loop replaces it when the term changes).
+    fenced: bool,
     client: Client,
     next_sync: Instant,
     backoff: Duration,
@@ -406,6 +436,8 @@ impl Bridge {
                         let now = Instant::now();
                         stint = Some(Stint {
                             term: status.term,
+                            claimed: false,
+                            fenced: false,
                             client,
                             next_sync: now,
                             backoff: BACKOFF_INITIAL,
@@ -418,6 +450,7 @@ impl Bridge {
                         self.metrics.active.set(1);
                         self.handle.update(|s| {
                             s.active = true;
+                            s.fence_epoch = 0;
                             s.state = "starting".into();
                             s.term = status.term;
                             s.leader_id = status.leader_id;
@@ -430,6 +463,36 @@ impl Bridge {
                 }
             }
             let Some(st) = stint.as_mut() else { continue };
+            if st.fenced {
+                if forced {
+                    self.handle.shared.completed.send_modify(|_| {});
+                }
+                continue;
+            }
+            if !st.claimed {
+                match self.claim_epoch(st.term).await {
+                    Ok(()) => {
+                        st.claimed = true;
+                        let epoch = st.term;
+                        self.handle.update(|s| s.fence_epoch = epoch);
+                        info!(
+                            term = st.term,
+                            epoch = st.term,
+                            "cloudstack bridge fencing epoch committed"
+                        );
+                    }
+                    Err(e) => {
+                        if matches!(e, BridgeError::Fenced(_)) && self.epoch_superseded(st.term) {
+                            st.fenced = true;
+                        }
+                        debug!(term = st.term, error = %e, "cloudstack bridge: fencing epoch not committed yet");
+                        if forced {
+                            self.handle.shared.completed.send_modify(|_| {});
+                        }
+                        continue;
+                    }
+                }
+            }
             let now = Instant::now();
             if forced || now >= st.next_sync {
                 let seq = self
@@ -526,7 +589,15 @@ impl Bridge {
                 });
             }
             Err(BridgeError::Fenced(term)) => {
-                debug!(term, "cloudstack sync abandoned: leadership moved");
+                if self.epoch_superseded(term) {
+                    info!(
+                        term,
+                        "cloudstack bridge stint fenced: a newer stint claimed a higher epoch"
+                    );
+                    st.fenced = true;
+                } else {
+                    debug!(term, "cloudstack sync abandoned: leadership moved");
+                }
                 st.next_sync = Instant::now();
             }
             Err(e) => {
@@ -581,10 +652,61 @@ impl Bridge {
         Ok(())
     }
 
+    /// A newer stint's epoch is stored (this node's replica, which may lag:
+    /// only ever used to stop a stint early, never to allow a write).
+    fn epoch_superseded(&self, term: u64) -> bool {
+        self.node
+            .state()
+            .fence_epoch(FENCE_WRITER)
+            .is_ok_and(|e| e > term)
+    }
+
+    /// Commits the stint's fencing epoch (the term) before its first write.
+    async fn claim_epoch(&self, term: u64) -> Result<(), BridgeError> {
+        self.fence(term).await?;
+        match self
+            .node
+            .propose(&Command::ClaimEpoch {
+                writer: FENCE_WRITER.into(),
+                epoch: term,
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(CoordError::State(StateError::Fenced { .. })) => Err(BridgeError::Fenced(term)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Proposes `cmd` as a write of the stint with epoch `term`: refused at
+    /// apply time (→ `Fenced`) when a newer stint has claimed a higher one.
+    async fn propose_fenced(
+        &self,
+        term: u64,
+        cmd: Command,
+    ) -> Result<crate::state::ApplyOutcome, BridgeError> {
+        self.fence(term).await?;
+        let fenced = Command::Fenced {
+            writer: FENCE_WRITER.into(),
+            epoch: term,
+            command: Box::new(cmd),
+        };
+        match self.node.propose(&fenced).await {
+            Ok(out) => Ok(out),
+            Err(CoordError::State(StateError::Fenced { epoch, current, .. })) => {
+                warn!(
+                    epoch,
+                    current, "cloudstack bridge write refused: a newer stint holds the epoch"
+                );
+                Err(BridgeError::Fenced(term))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Writes through Raft after the fence; returns how many records changed.
     async fn write(&self, term: u64, cmd: Command) -> Result<u64, BridgeError> {
-        self.fence(term).await?;
-        let out = self.node.propose(&cmd).await?;
+        let out = self.propose_fenced(term, cmd).await?;
         Ok(out
             .results
             .iter()
@@ -864,16 +986,17 @@ impl Bridge {
         action: &str,
         key: &str,
     ) -> Result<String, BridgeError> {
-        self.fence(term).await?;
         let out = self
-            .node
-            .propose(&Command::Jobs(JobCommand::Submit {
-                action: action.into(),
-                args: BTreeMap::new(),
-                hosts: vec![host.to_string()],
-                idempotency_key: key.to_string(),
-                now_ms: unix_ms(),
-            }))
+            .propose_fenced(
+                term,
+                Command::Jobs(JobCommand::Submit {
+                    action: action.into(),
+                    args: BTreeMap::new(),
+                    hosts: vec![host.to_string()],
+                    idempotency_key: key.to_string(),
+                    now_ms: unix_ms(),
+                }),
+            )
             .await?;
         self.metrics.jobs_submitted.inc();
         Ok(out
@@ -1004,26 +1127,65 @@ impl Bridge {
                 }
                 continue;
             }
-            match notify_provision_done(&st.client, &mac).await {
-                Ok(()) => {
-                    self.metrics
-                        .notifies
-                        .get_or_create(&OutcomeLabels {
-                            outcome: "accepted".into(),
-                        })
-                        .inc();
-                    info!(host = %h.name, %mac, event = ev.id, "cloudstack notified: provision done");
-                    let mut h2 = h.clone();
+            let ev_id = ev.id.to_string();
+            let vm_id = h.labels.get(LABEL_VM_ID).cloned().unwrap_or_default();
+            let result = if h.labels.get(LABEL_NOTIFY_INTENT) == Some(&ev_id) {
+                // A notification of this event may already have been
+                // accepted (by a stint that died before recording it):
+                // CloudStack's instance state tells.
+                match cs_vm_state(&st.client, &vm_id).await {
+                    Ok(Some(state)) if state == "Starting" => {
+                        info!(host = %h.name, %mac, event = ev.id, vm = %vm_id, "cloudstack notify in flight found; instance still Starting: notifying again");
+                        notify_provision_done(&st.client, &mac).await.map(|()| true)
+                    }
+                    Ok(state) => {
+                        info!(host = %h.name, %mac, event = ev.id, vm = %vm_id, state = state.as_deref().unwrap_or("(not listed)"), "cloudstack notify in flight found; instance already left Starting: recorded as notified, not sent again");
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                // Intent first: committed before CloudStack is called.
+                let mut h1 = h.clone();
+                h1.meta = Default::default();
+                h1.labels.insert(LABEL_NOTIFY_INTENT.into(), ev_id.clone());
+                if let Err(e) = self
+                    .write(st.term, Command::Put(vec![Record::Host(h1)]))
+                    .await
+                {
+                    warn!(host = %h.name, error = %e, "cloudstack notify: cannot record the intent; not calling");
+                    return;
+                }
+                notify_provision_done(&st.client, &mac).await.map(|()| true)
+            };
+            match result {
+                Ok(sent) => {
+                    if sent {
+                        crate::failpoint::hit(FAILPOINT_AFTER_NOTIFY);
+                        self.metrics
+                            .notifies
+                            .get_or_create(&OutcomeLabels {
+                                outcome: "accepted".into(),
+                            })
+                            .inc();
+                        info!(host = %h.name, %mac, event = ev.id, "cloudstack notified: provision done");
+                        self.handle.update(|s| s.notifies_accepted += 1);
+                    }
+                    // Re-read: the intent write bumped the record.
+                    let current = match self.node.state().get(Kind::Host, &h.name) {
+                        Ok(Some(Record::Host(c))) => c,
+                        _ => h.clone(),
+                    };
+                    let mut h2 = current;
                     h2.meta = Default::default();
-                    h2.labels
-                        .insert(LABEL_NOTIFIED_EVENT.into(), ev.id.to_string());
+                    h2.labels.insert(LABEL_NOTIFIED_EVENT.into(), ev_id.clone());
+                    h2.labels.insert(LABEL_NOTIFY_INTENT.into(), ev_id);
                     if let Err(e) = self
                         .write(st.term, Command::Put(vec![Record::Host(h2)]))
                         .await
                     {
                         warn!(host = %h.name, error = %e, "cloudstack notify: cannot record the accepted notification");
                     }
-                    self.handle.update(|s| s.notifies_accepted += 1);
                     st.notify_backoff = BACKOFF_INITIAL;
                 }
                 Err(e) => {
@@ -1079,7 +1241,7 @@ mod tests {
         let mut h = Host {
             name: "h1".into(),
             mac: "52:54:00:00:00:01".parse().unwrap(),
-            ip: "10.0.0.5".parse().unwrap(),
+            ip: Some("10.0.0.5".parse().unwrap()),
             hostname: String::new(),
             rack: "r".into(),
             network: "n".into(),

@@ -90,3 +90,16 @@ pub async fn notify_provision_done(client: &Client, mac: &str) -> Result<(), CsE
         .await?;
     Ok(())
 }
+
+/// The state of one instance (`listVirtualMachines id=<id>`), `None` when
+/// CloudStack no longer lists it (expunged).
+pub async fn vm_state(client: &Client, vm_id: &str) -> Result<Option<String>, CsError> {
+    let vms: Vec<VirtualMachine> = client
+        .list_all(
+            "listVirtualMachines",
+            &params(&[("id", vm_id), ("listall", "true")]),
+            "virtualmachine",
+        )
+        .await?;
+    Ok(vms.into_iter().find(|v| v.id == vm_id).map(|v| v.state))
+}

@@ -8,15 +8,20 @@
 //!
 //! Mapping:
 //! - pod → rack (by `pod_racks[pod name | pod id]`, else the pod's name);
-//! - bare metal host + its live instance → one host record: the instance's
-//!   boot NIC gives MAC, IP and network, the host gives the BMC (IPMI address
-//!   = host `ipaddress`, credentials from configuration), CPU and memory
-//!   (labels); the instance's kickstart template gives the profile;
+//! - every bare metal host → one host record named after it, with the BMC
+//!   (IPMI address = host `ipaddress`, credentials from configuration), CPU
+//!   and memory (labels). Without a live instance the record has no
+//!   reservation (MAC = the host's `hostmac`, no ip/network/profile): it is
+//!   power-controllable but relays do not answer it;
+//! - a live instance on it adds the reservation: the instance's boot NIC
+//!   gives MAC, IP and network, its kickstart template the profile;
 //! - bare metal kickstart template → kickstart profile `cs-<template id>`;
-//! - an instance destroyed/expunging, or no longer listed in a zone that was
-//!   listed → its host record is deleted. Nothing is deleted on missing
-//!   evidence (a zone that was not listed, an instance that is alive but
-//!   cannot be mapped any more).
+//! - an instance destroyed/expunging, or no longer listed → its host's
+//!   record goes back to idle (kept); a host no longer listed in a zone that
+//!   was listed → its record is deleted. Nothing is deleted on missing
+//!   evidence (a zone that was not listed, a host still listed but not
+//!   mappable); a host whose live instance cannot be mapped keeps its
+//!   record unchanged.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -103,7 +108,7 @@ pub struct Skip {
     pub reason: String,
 }
 
-/// A bare metal host with no live instance: nothing to reserve yet.
+/// A bare metal host with no live instance: written without a reservation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdleHost {
     pub cloudstack_id: String,
@@ -124,6 +129,7 @@ pub struct Plan {
     pub deletes: Vec<Delete>,
     pub skipped: Vec<Skip>,
     pub warnings: Vec<Skip>,
+    /// Idle hosts in scope (their records are in `hosts` when they changed).
     pub idle: Vec<IdleHost>,
     /// Desired records already present unchanged.
     pub unchanged: usize,
@@ -168,6 +174,57 @@ fn prefix_len(netmask: &str) -> Option<u8> {
     let bits = u32::from(m);
     let ones = bits.leading_ones();
     (bits.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+/// The BMC record of a CloudStack host (password filled in by the writer).
+fn bmc_of(cs_host: &CsHost, m: &Mapping) -> Option<Bmc> {
+    let (user, port) = m
+        .bmc_overrides
+        .get(&cs_host.name)
+        .or_else(|| m.bmc_overrides.get(&cs_host.id))
+        .cloned()
+        .unwrap_or((None, None));
+    cs_host
+        .ipaddress
+        .as_deref()
+        .filter(|a| !a.is_empty())
+        .map(|addr| Bmc {
+            address: addr.to_string(),
+            port: port.unwrap_or(m.bmc_port),
+            username: user.unwrap_or_else(|| m.bmc_username.clone()),
+            password: None,
+            cipher_suite: m.bmc_cipher_suite,
+        })
+}
+
+/// Labels every bridge host record carries from its CloudStack host, plus
+/// the bridge's own bookkeeping carried over from the current record.
+fn host_labels(cs_host: &CsHost, existing: Option<&Host>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_HOST_ID.to_string(), cs_host.id.clone());
+    labels.insert(LABEL_ZONE_ID.to_string(), cs_host.zoneid.clone());
+    labels.insert(LABEL_POD_ID.to_string(), cs_host.podid.clone());
+    if let Some(c) = cs_host.cpunumber {
+        labels.insert(LABEL_CPUS.to_string(), c.to_string());
+    }
+    if let Some(c) = cs_host.cpuspeed {
+        labels.insert(LABEL_CPU_MHZ.to_string(), c.to_string());
+    }
+    if let Some(c) = cs_host.memorytotal {
+        labels.insert(LABEL_MEMORY.to_string(), c.to_string());
+    }
+    if let Some(e) = existing {
+        for (k, v) in &e.labels {
+            if k.starts_with(BRIDGE_LABEL_PREFIX) {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    labels
+}
+
+fn managed(h: &Host) -> bool {
+    h.labels.contains_key(LABEL_VM_ID) || h.labels.contains_key(LABEL_HOST_ID)
 }
 
 fn same_host_record(a: &Host, b: &Host) -> bool {
@@ -343,8 +400,7 @@ pub fn plan(inp: &Inputs) -> Plan {
     let mut used_hosts: BTreeSet<&str> = BTreeSet::new();
     let mut used_macs: BTreeMap<Mac, String> = BTreeMap::new();
     let mut used_ips: BTreeMap<(String, Ipv4Addr), String> = BTreeMap::new();
-    let mut alive_vms: BTreeSet<&str> = BTreeSet::new();
-    let mut mapped_vms: BTreeMap<&str, String> = BTreeMap::new();
+    let mut mapped_host_ids: BTreeSet<&str> = BTreeSet::new();
     let mut vms: Vec<&VirtualMachine> = inp.vms.iter().collect();
     vms.sort_by(|a, b| a.id.cmp(&b.id));
     for vm in vms {
@@ -364,7 +420,6 @@ pub fn plan(inp: &Inputs) -> Plan {
                 .as_deref()
                 .is_some_and(|h| h.eq_ignore_ascii_case("BareMetal"))
             {
-                alive_vms.insert(vm.id.as_str());
                 skip(&mut p, format!("state {}: not placed on a host", vm.state));
             }
             continue;
@@ -373,7 +428,6 @@ pub fn plan(inp: &Inputs) -> Plan {
             // Not a bare metal host of ours (another hypervisor, another zone).
             continue;
         };
-        alive_vms.insert(vm.id.as_str());
         if !used_hosts.insert(hostid) {
             skip(
                 &mut p,
@@ -577,7 +631,7 @@ pub fn plan(inp: &Inputs) -> Plan {
         } else {
             inp.pxe_hosts
                 .iter()
-                .find(|e| e.network == network.name && e.ip == ip && e.name != name)
+                .find(|e| e.network == network.name && e.ip == Some(ip) && e.name != name)
                 .map(|e| format!("IP {ip} belongs to pxemesh host {}", e.name))
         };
         if let Some(why) = why_not {
@@ -602,68 +656,138 @@ pub fn plan(inp: &Inputs) -> Plan {
                 ),
             });
         }
-        let (user, port) = m
-            .bmc_overrides
-            .get(&cs_host.name)
-            .or_else(|| m.bmc_overrides.get(&cs_host.id))
-            .cloned()
-            .unwrap_or((None, None));
-        let bmc = cs_host
-            .ipaddress
-            .as_deref()
-            .filter(|a| !a.is_empty())
-            .map(|addr| Bmc {
-                address: addr.to_string(),
-                port: port.unwrap_or(m.bmc_port),
-                username: user.unwrap_or_else(|| m.bmc_username.clone()),
-                password: None,
-                cipher_suite: m.bmc_cipher_suite,
-            });
+        let bmc = bmc_of(cs_host, m);
         if bmc.is_none() {
             p.warnings.push(Skip {
                 object: format!("host {} ({})", cs_host.name, cs_host.id),
                 reason: "no IPMI address (ipaddress) listed: no BMC record".into(),
             });
         }
-        let mut labels = BTreeMap::new();
+        let mut labels = host_labels(cs_host, inp.pxe_hosts.iter().find(|e| e.name == name));
         labels.insert(LABEL_VM_ID.to_string(), vm.id.clone());
         labels.insert(LABEL_VM_STATE.to_string(), vm.state.clone());
-        labels.insert(LABEL_HOST_ID.to_string(), cs_host.id.clone());
         labels.insert(LABEL_ZONE_ID.to_string(), vm.zoneid.clone());
-        labels.insert(LABEL_POD_ID.to_string(), cs_host.podid.clone());
         if let Some(t) = &vm.templateid {
             labels.insert(LABEL_TEMPLATE_ID.to_string(), t.clone());
         }
-        if let Some(c) = cs_host.cpunumber {
-            labels.insert(LABEL_CPUS.to_string(), c.to_string());
-        }
-        if let Some(c) = cs_host.cpuspeed {
-            labels.insert(LABEL_CPU_MHZ.to_string(), c.to_string());
-        }
-        if let Some(c) = cs_host.memorytotal {
-            labels.insert(LABEL_MEMORY.to_string(), c.to_string());
-        }
-        if let Some(e) = inp.pxe_hosts.iter().find(|e| e.name == name) {
-            for (k, v) in &e.labels {
-                if k.starts_with(BRIDGE_LABEL_PREFIX) {
-                    labels.insert(k.clone(), v.clone());
-                }
-            }
-        }
         used_macs.insert(mac, name.clone());
         used_ips.insert((network.name.clone(), ip), name.clone());
-        mapped_vms.insert(vm.id.as_str(), name.clone());
+        mapped_host_ids.insert(hostid);
         desired_hosts.insert(
             name.clone(),
             Host {
                 name: name.clone(),
                 mac,
-                ip,
+                ip: Some(ip),
                 hostname: sanitize_name(&vm.name),
                 rack: rack.clone(),
                 network: network.name.clone(),
                 profile,
                 labels,
+                bmc,
+                meta: Default::default(),
+            },
+        );
+    }
+    // Idle bare metal hosts: a record without a reservation. A host whose
+    // live instance could not be mapped keeps its record as it is.
+    let mut kept_host_ids: BTreeSet<&str> = BTreeSet::new();
+    for (id, (cs_host, rack)) in &hosts {
+        if mapped_host_ids.contains(id) {
+            continue;
+        }
+        if used_hosts.contains(id) {
+            kept_host_ids.insert(id);
+            continue;
+        }
+        let obj = format!("host {} ({})", cs_host.name, cs_host.id);
+        let mut skip = |p: &mut Plan, reason: String| {
+            kept_host_ids.insert(id);
+            p.skipped.push(Skip {
+                object: obj.clone(),
+                reason,
+            })
+        };
+        let name = sanitize_name(&cs_host.name);
+        if let Err(e) = validate_name("host", &name) {
+            skip(&mut p, e);
+            continue;
+        }
+        if desired_hosts.contains_key(&name) {
+            skip(
+                &mut p,
+                format!("host name {name} is taken by another CloudStack host"),
+            );
+            continue;
+        }
+        let existing = inp.pxe_hosts.iter().find(|e| e.name == name);
+        if existing.is_some_and(|e| !managed(e)) {
+            skip(
+                &mut p,
+                format!("host name {name} is taken by a record the bridge does not manage"),
+            );
+            continue;
+        }
+        // CloudStack gives a bare metal instance the host's MAC; an idle
+        // host is known by its `hostmac` (else the MAC its record has).
+        let mac = match cs_host.host_mac().map(str::parse::<Mac>) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                skip(&mut p, format!("hostmac: {e}"));
+                continue;
+            }
+            None => match existing {
+                Some(e) => e.mac,
+                None => {
+                    skip(
+                        &mut p,
+                        "idle host without a hostmac detail: no record".into(),
+                    );
+                    continue;
+                }
+            },
+        };
+        if let Some(other) = used_macs.get(&mac) {
+            skip(&mut p, format!("MAC {mac} is already used by {other}"));
+            continue;
+        }
+        if let Some(e) = inp
+            .pxe_hosts
+            .iter()
+            .find(|e| e.mac == mac && e.name != name)
+        {
+            skip(
+                &mut p,
+                format!("MAC {mac} belongs to pxemesh host {}", e.name),
+            );
+            continue;
+        }
+        let bmc = bmc_of(cs_host, m);
+        if bmc.is_none() {
+            p.warnings.push(Skip {
+                object: obj.clone(),
+                reason: "no IPMI address (ipaddress) listed: no BMC record".into(),
+            });
+        }
+        used_macs.insert(mac, name.clone());
+        p.idle.push(IdleHost {
+            cloudstack_id: cs_host.id.clone(),
+            name: name.clone(),
+            rack: rack.clone(),
+            bmc_address: cs_host.ipaddress.clone(),
+            mac: Some(mac.to_string()),
+        });
+        desired_hosts.insert(
+            name.clone(),
+            Host {
+                name: name.clone(),
+                mac,
+                ip: None,
+                hostname: String::new(),
+                rack: rack.clone(),
+                network: String::new(),
+                profile: None,
+                labels: host_labels(cs_host, existing),
                 bmc,
                 meta: Default::default(),
             },
@@ -676,33 +800,21 @@ pub fn plan(inp: &Inputs) -> Plan {
         }
     }
 
-    // Idle bare metal hosts.
-    for (id, (h, rack)) in &hosts {
-        if !used_hosts.contains(id) {
-            p.idle.push(IdleHost {
-                cloudstack_id: h.id.clone(),
-                name: h.name.clone(),
-                rack: rack.clone(),
-                bmc_address: h.ipaddress.clone(),
-                mac: h.host_mac().map(str::to_string),
-            });
-        }
-    }
-
-    // Deletes: managed host records whose instance is gone, with evidence.
-    let gone: BTreeMap<&str, &VirtualMachine> = inp
-        .vms
-        .iter()
-        .filter(|v| v.is_gone())
-        .map(|v| (v.id.as_str(), v))
+    // Deletes: managed host records whose CloudStack host is gone, with
+    // evidence (its zone was listed and the host is not listed any more).
+    let listed_hosts: BTreeSet<&str> = inp.hosts.iter().map(|h| h.id.as_str()).collect();
+    let desired_ids: BTreeMap<&str, &str> = desired_hosts
+        .values()
+        .filter_map(|h| {
+            h.labels
+                .get(LABEL_HOST_ID)
+                .map(|id| (id.as_str(), h.name.as_str()))
+        })
         .collect();
     let mut existing: Vec<&Host> = inp.pxe_hosts.iter().collect();
     existing.sort_by(|a, b| a.name.cmp(&b.name));
     for e in existing {
-        let Some(vm_id) = e.labels.get(LABEL_VM_ID) else {
-            continue;
-        };
-        if desired_hosts.contains_key(&e.name) {
+        if !managed(e) || desired_hosts.contains_key(&e.name) {
             continue;
         }
         let zone_listed = e
@@ -716,18 +828,27 @@ pub fn plan(inp: &Inputs) -> Plan {
             });
             continue;
         }
-        let reason = if let Some(vm) = gone.get(vm_id.as_str()) {
-            format!("instance {} ({vm_id}) is {}", vm.name, vm.state)
-        } else if let Some(now) = mapped_vms.get(vm_id.as_str()) {
-            format!("instance {vm_id} moved to host record {now}")
-        } else if alive_vms.contains(vm_id.as_str()) {
+        let Some(host_id) = e.labels.get(LABEL_HOST_ID) else {
             p.skipped.push(Skip {
                 object: format!("host record {}", e.name),
-                reason: format!("instance {vm_id} is alive but could not be mapped; record kept"),
+                reason: format!("no {LABEL_HOST_ID} label; not deleting"),
+            });
+            continue;
+        };
+        let reason = if let Some(now) = desired_ids.get(host_id.as_str()) {
+            format!("CloudStack host {host_id} is now host record {now}")
+        } else if listed_hosts.contains(host_id.as_str())
+            || kept_host_ids.contains(host_id.as_str())
+        {
+            p.skipped.push(Skip {
+                object: format!("host record {}", e.name),
+                reason: format!(
+                    "CloudStack host {host_id} is still listed but not mapped; record kept"
+                ),
             });
             continue;
         } else {
-            format!("instance {vm_id} is no longer listed (expunged)")
+            format!("CloudStack host {host_id} is no longer listed (removed)")
         };
         p.deletes.push(Delete {
             kind: Kind::Host,
@@ -788,7 +909,8 @@ mod tests {
               {"id":"h3","name":"bm-03","hypervisor":"BareMetal","type":"Routing","podid":"p1","podname":"POD0",
                "zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.13"},
               {"id":"h4","name":"bm-04","hypervisor":"BareMetal","type":"Routing","podid":"p1","podname":"POD0",
-               "zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.14"},
+               "zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.14","cpunumber":4,
+               "details":{"hostmac":"52:54:00:00:00:04"}},
               {"id":"s1","name":"SimulatedAgent.1","hypervisor":"Simulator","type":"Routing","podid":"p1",
                "podname":"POD0","zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.5"}]"#),
             vms: j(r#"[
@@ -874,10 +996,10 @@ mod tests {
         assert_eq!(skipped_about(&p, "template broken").len(), 1);
 
         let names: Vec<&str> = p.hosts.iter().map(|h| h.name.as_str()).collect();
-        assert_eq!(names, ["bm-01", "bm-02"]);
+        assert_eq!(names, ["bm-01", "bm-02", "bm-04"]);
         let h1 = &p.hosts[0];
         assert_eq!(h1.mac.to_string(), "52:54:00:00:00:01");
-        assert_eq!(h1.ip.to_string(), "10.1.1.62");
+        assert_eq!(h1.ip.unwrap().to_string(), "10.1.1.62");
         assert_eq!(h1.rack, "rack-a");
         assert_eq!(
             h1.network, "rack-a-guest",
@@ -915,10 +1037,22 @@ mod tests {
             p.skipped.iter().all(|s| !s.object.contains("old")),
             "destroyed: nothing to map"
         );
-        // bm-04 has no instance; bm-03's instance was skipped but the host is in use
+        // bm-04 has no instance: a record without a reservation, with its
+        // hostmac, BMC and labels. bm-03's instance was skipped but the host
+        // is in use: no record is written for it.
         assert_eq!(p.idle.len(), 1);
         assert_eq!(p.idle[0].name, "bm-04");
         assert_eq!(p.idle[0].bmc_address.as_deref(), Some("172.16.15.14"));
+        let h4 = &p.hosts[2];
+        assert_eq!((h4.ip, h4.network.as_str()), (None, ""));
+        assert_eq!(h4.reservation(), None);
+        assert_eq!(h4.mac.to_string(), "52:54:00:00:00:04");
+        assert_eq!((h4.rack.as_str(), h4.profile.as_deref()), ("rack-a", None));
+        assert_eq!(h4.bmc.as_ref().unwrap().address, "172.16.15.14");
+        assert_eq!(h4.labels[LABEL_HOST_ID], "h4");
+        assert_eq!(h4.labels[LABEL_CPUS], "4");
+        assert!(!h4.labels.contains_key(LABEL_VM_ID));
+        assert!(p.hosts.iter().all(|h| h.name != "bm-03"));
         assert!(p.deletes.is_empty());
     }
 
@@ -946,7 +1080,7 @@ mod tests {
             .collect();
         let second = plan(&applied);
         assert!(second.is_noop(), "{second:#?}");
-        assert_eq!(second.unchanged, 2 + 1 + 2);
+        assert_eq!(second.unchanged, 2 + 1 + 3);
         // Input order does not matter.
         let mut shuffled = applied.clone();
         shuffled.vms.reverse();
@@ -987,17 +1121,36 @@ mod tests {
         }
         later.vms.retain(|v| v.id != "v2");
         let p = plan(&later);
+        // Instances gone: their hosts go back to idle (kept, reservation
+        // dropped, BMC and bookkeeping kept), nothing is deleted.
+        assert!(p.deletes.is_empty(), "{:?}", p.deletes);
+        let names: Vec<&str> = p.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["bm-01", "bm-02"]);
+        for h in &p.hosts {
+            assert_eq!(h.reservation(), None, "{h:?}");
+            assert!(h.profile.is_none() && !h.labels.contains_key(LABEL_VM_ID));
+            assert!(h.bmc.is_some());
+        }
+        assert_eq!(p.hosts[0].mac.to_string(), "52:54:00:00:00:01");
+        assert_eq!(
+            p.hosts[1].mac.to_string(),
+            "52:54:00:00:00:02",
+            "no hostmac listed: the record's MAC"
+        );
+
+        // The host itself removed from CloudStack: its record is deleted.
+        let mut removed = later.clone();
+        removed.pxe_hosts = plan(&later).hosts.clone();
+        removed.hosts.retain(|h| h.id != "h2");
+        let p = plan(&removed);
         let dels: Vec<(&str, &str)> = p
             .deletes
             .iter()
             .map(|d| (d.name.as_str(), d.reason.as_str()))
             .collect();
-        assert_eq!(dels.len(), 2, "{dels:?}");
-        assert_eq!(dels[0].0, "bm-01");
-        assert!(dels[0].1.contains("is Destroyed"), "{}", dels[0].1);
-        assert_eq!(dels[1].0, "bm-02");
-        assert!(dels[1].1.contains("no longer listed"), "{}", dels[1].1);
-        assert!(p.hosts.is_empty());
+        assert_eq!(dels.len(), 1, "{dels:?}");
+        assert_eq!(dels[0].0, "bm-02");
+        assert!(dels[0].1.contains("no longer listed"), "{}", dels[0].1);
 
         // The zone was not listed at all: nothing is deleted.
         let mut blind = later.clone();
@@ -1032,7 +1185,8 @@ mod tests {
         mac_owner.labels.clear();
         inp.pxe_hosts = vec![foreign, mac_owner];
         let p = plan(&inp);
-        assert!(p.hosts.is_empty(), "{:?}", p.hosts);
+        let names: Vec<&str> = p.hosts.iter().map(|h| h.name.as_str()).collect();
+        assert_eq!(names, ["bm-04"], "only the idle host is written");
         assert!(skipped_about(&p, "instance web-1")[0].contains("does not manage"));
         assert!(skipped_about(&p, "instance db 2")[0].contains("belongs to pxemesh host hand-made"));
         assert!(p.deletes.is_empty(), "unmanaged records are never deleted");
@@ -1112,7 +1266,7 @@ mod tests {
         let mut batch: Vec<Record> = p.profiles.iter().cloned().map(Record::Profile).collect();
         batch.extend(p.hosts.iter().cloned().map(Record::Host));
         let out = apply(Command::Put(batch));
-        assert_eq!(out.results.len(), 1 + 2);
+        assert_eq!(out.results.len(), 1 + 3);
 
         let read = |kind| st.list(kind).unwrap();
         let mut again = inp.clone();
@@ -1137,24 +1291,41 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(again.pxe_hosts.len(), 2);
+        assert_eq!(again.pxe_hosts.len(), 3);
         let second = plan(&again);
         assert!(second.is_noop(), "{second:#?}");
 
+        // Expunged instance: the host record loses its reservation (the
+        // state machine accepts the transition and frees the address).
         for vm in again.vms.iter_mut() {
             if vm.id == "v1" {
                 vm.state = "Expunging".into();
             }
         }
         let third = plan(&again);
-        assert_eq!(third.deletes.len(), 1);
-        for d in &third.deletes {
+        assert!(third.deletes.is_empty());
+        assert_eq!(third.hosts.len(), 1);
+        apply(Command::Put(
+            third.hosts.iter().cloned().map(Record::Host).collect(),
+        ));
+        let Some(Record::Host(bm1)) = st.get(Kind::Host, "bm-01").unwrap() else {
+            panic!("bm-01 gone")
+        };
+        assert_eq!(bm1.reservation(), None);
+        assert_eq!(read(Kind::Host).len(), 3);
+
+        // The host removed from CloudStack: deleted.
+        again.hosts.retain(|h| h.id != "h1");
+        again.pxe_hosts = vec![bm1];
+        let fourth = plan(&again);
+        assert_eq!(fourth.deletes.len(), 1);
+        for d in &fourth.deletes {
             apply(Command::Delete {
                 kind: d.kind,
                 name: d.name.clone(),
             });
         }
-        assert_eq!(read(Kind::Host).len(), 1);
+        assert_eq!(read(Kind::Host).len(), 2);
     }
 
     #[test]

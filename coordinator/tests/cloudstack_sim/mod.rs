@@ -329,6 +329,35 @@ fn error(command: &str, status: u16, code: u32, text: &str) -> Response {
     )
 }
 
+/// What CloudStack's `BaremetalManagerImpl.notifyProvisionDone` does: the
+/// instance on the host with this MAC must be `Starting`; it becomes
+/// `Running`. Any other state is an error (530, "... is not in state of
+/// Starting"): a repeated notification fails, it is not a no-op.
+fn notify_provision_done(st: &mut SimState, mac: &str) -> Result<Value, (u32, String)> {
+    let vms = st.collections.entry("vms".into()).or_default();
+    let vm = vms.iter_mut().find(|v| {
+        v.get("nic").and_then(Value::as_array).is_some_and(|nics| {
+            nics.iter().any(|n| {
+                n.get("macaddress")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+            })
+        })
+    });
+    let Some(vm) = vm else {
+        return Err((530, format!("cannot find host[mac:{mac}]")));
+    };
+    let state = vm.get("state").and_then(Value::as_str).unwrap_or("");
+    if state != "Starting" {
+        return Err((
+            530,
+            format!("baremetal instance [state:{state}] is not in state of Starting"),
+        ));
+    }
+    vm["state"] = json!("Running");
+    Ok(json!({"success": true}))
+}
+
 /// Item key of each list command.
 fn item_key(command: &str) -> Option<(&'static str, &'static str)> {
     Some(match command.to_lowercase().as_str() {
@@ -408,7 +437,7 @@ async fn api(
             .unwrap_or_default()
             .into_iter()
             .filter(|v| {
-                ["hypervisor", "zoneid", "podid"]
+                ["id", "hypervisor", "zoneid", "podid"]
                     .iter()
                     .all(|f| match get(f) {
                         Some(want) => v.get(*f).and_then(Value::as_str) == Some(want.as_str()),
@@ -440,12 +469,12 @@ async fn api(
             let Some(mac) = get("mac") else {
                 return error(&command, 431, 431, "Unable to execute API command notifybaremetalprovisiondone due to missing parameter mac");
             };
-            st.provision_done.push(mac);
+            st.provision_done.push(mac.clone());
             st.next_job += 1;
             let jobid = format!("0000-job-{}", st.next_job);
             let outcome = match st.job_failure.clone() {
                 Some(e) => Err(e),
-                None => Ok(json!({"success": true})),
+                None => notify_provision_done(&mut st, &mac),
             };
             let pending = st.job_pending_polls;
             st.jobs.insert(

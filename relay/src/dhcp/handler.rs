@@ -86,7 +86,8 @@ impl LogLimiter {
 
 /// Who the client is to us.
 enum Client<'a> {
-    Reserved(&'a Host),
+    /// A host with a reservation, and its reserved address.
+    Reserved(&'a Host, Ipv4Addr),
     Pool,
     Unknown,
 }
@@ -245,8 +246,10 @@ impl Server {
             }
             return Handled::ignore(mt, "ignored-no-network");
         };
-        let client = match state.host_by_mac(&mac) {
-            Some(h) if h.network != net.name => {
+        // `host_by_mac` finds only hosts with a reservation; one without
+        // (an idle bare metal host) is an unknown MAC here.
+        let client = match state.host_by_mac(&mac).and_then(|h| h.ip.map(|ip| (h, ip))) {
+            Some((h, _)) if h.network != net.name => {
                 if self.quiet.allow(mac, "wrong-network", now) {
                     warn!(%mac, xid = msg.xid(), msg_type = mt, network = %net.name, host = %h.name,
                         reserved_network = %h.network,
@@ -254,7 +257,7 @@ impl Server {
                 }
                 return Handled::ignore(mt, "ignored-wrong-network");
             }
-            Some(h) => Client::Reserved(h),
+            Some((h, ip)) => Client::Reserved(h, ip),
             None if net.pool.is_some() => Client::Pool,
             None => Client::Unknown,
         };
@@ -346,7 +349,7 @@ impl Cx<'_> {
 
     fn discover(&self, client: &Client) -> Handled {
         let ip = match client {
-            Client::Reserved(h) => h.ip,
+            Client::Reserved(_, ip) => *ip,
             Client::Pool => {
                 let hold = self.ctx().config.dhcp.offer_hold_seconds;
                 let fixed = self.fixed_exclusions();
@@ -381,7 +384,7 @@ impl Cx<'_> {
             Client::Unknown => return self.ignore("ignored-unknown-mac"),
         };
         let host = match client {
-            Client::Reserved(h) => Some(*h),
+            Client::Reserved(h, _) => Some(*h),
             _ => None,
         };
         let reply = self.build(MessageType::Offer, Some(ip), host, true);
@@ -440,8 +443,8 @@ impl Cx<'_> {
                 .drop("dhcp", crate::limits::DropReason::ForeignReservation);
         }
         let (host, flush) = match client {
-            Client::Reserved(h) => {
-                if h.ip != wanted {
+            Client::Reserved(h, ip) => {
+                if *ip != wanted {
                     return self.nak(phase, "not your reserved address");
                 }
                 (Some(*h), false)
@@ -532,7 +535,7 @@ impl Cx<'_> {
             return self.ignore("ignored-bad-decline");
         };
         match client {
-            Client::Reserved(h) => {
+            Client::Reserved(h, _) => {
                 warn!(mac = %self.mac, %ip, host = %h.name, network = %self.net.name,
                     "dhcp: client declined its reserved address: another machine uses it");
                 self.ignore("declined-reserved")
@@ -583,7 +586,7 @@ impl Cx<'_> {
             return self.ignore("ignored-bad-inform");
         }
         let host = match client {
-            Client::Reserved(h) => Some(*h),
+            Client::Reserved(h, _) => Some(*h),
             _ => None,
         };
         let reply = self.build(MessageType::Ack, None, host, false);

@@ -73,6 +73,12 @@ mac = "52:54:00:12:34:03"
 ip = "10.40.0.50"
 rack = "r1"
 network = "remote"
+
+# Known (an idle CloudStack bare metal host) but without a reservation.
+[[hosts]]
+name = "idle1"
+mac = "52:54:00:12:34:09"
+rack = "r1"
 "#;
 
 const CONFIG: &str = r#"
@@ -546,6 +552,28 @@ fn unknown_and_misplaced_macs_get_no_answer() {
     };
     assert!(t.send(&odd, &msg(MessageType::Discover, N1)).is_none());
     assert_eq!(t.count("discover", "ignored-no-network"), 1);
+}
+
+/// A host without a reservation is not answered as a host: on a network
+/// without a pool it is an unknown MAC, on one with a pool a pool client.
+#[test]
+fn hosts_without_a_reservation_are_unknown_macs() {
+    let t = setup();
+    let idle = [0x52, 0x54, 0, 0x12, 0x34, 0x09];
+    assert!(t
+        .server
+        .ctx
+        .state
+        .load()
+        .host_by_mac(&pxemesh_coordinator::model::Mac(idle))
+        .is_none());
+    assert!(t.send(&eth0(), &msg(MessageType::Discover, idle)).is_none());
+    assert_eq!(t.count("discover", "ignored-unknown-mac"), 1);
+    let got = pool_lease(&t, idle).expect("a pool lease");
+    assert!(
+        (ip("10.30.0.200")..=ip("10.30.0.203")).contains(&got) && got != ip("10.30.0.201"),
+        "{got}"
+    );
 }
 
 #[test]

@@ -484,13 +484,7 @@ impl Server {
     /// files that do not name the MAC).
     fn mac_of_ip(&self, ip: IpAddr) -> Option<Mac> {
         let IpAddr::V4(ip) = ip else { return None };
-        self.ctx
-            .state
-            .load()
-            .hosts()
-            .iter()
-            .find(|h| h.ip == ip)
-            .map(|h| h.mac)
+        self.ctx.state.load().host_by_ip(ip).map(|h| h.mac)
     }
 }
 

@@ -42,6 +42,7 @@ fn show(ctl: &Ctl, s: &CloudStackStatusResponse) -> Result<()> {
         Output::Json => print_json(&json!({
             "node_id": s.node_id,
             "term": s.term,
+            "fence_epoch": s.fence_epoch,
             "state": s.state,
             "last_sync_unix_ms": s.last_sync_unix_ms,
             "last_success_unix_ms": s.last_success_unix_ms,
@@ -57,11 +58,12 @@ fn show(ctl: &Ctl, s: &CloudStackStatusResponse) -> Result<()> {
         })),
         Output::Table => {
             let mut t = new_table(&["field", "value"]);
-            let rows: [(&str, String); 12] = [
+            let rows: [(&str, String); 13] = [
                 (
                     "running on",
                     format!("node {} (term {})", s.node_id, s.term),
                 ),
+                ("fencing epoch", s.fence_epoch.to_string()),
                 ("state", s.state.clone()),
                 ("last sync", ago(s.last_sync_unix_ms)),
                 ("last success", ago(s.last_success_unix_ms)),
