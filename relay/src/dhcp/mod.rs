@@ -118,7 +118,12 @@ pub async fn run(
     }
     let mut result = Ok(());
     while let Some(joined) = loops.join_next().await {
-        if let Err(e) = joined {
+        let failed = match joined {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(e) = failed {
             error!(error = %e, "dhcp: receive loop failed");
             stop.cancel();
             result = Err(RelayError::Io(std::io::Error::other(format!(
@@ -147,58 +152,61 @@ async fn serve_socket(
     iface: Interface,
     sock: UdpSocket,
     stop: CancellationToken,
-) {
-    let sock = match sock.into_std().and_then(|s| {
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(STOP_POLL))?;
-        Ok(s)
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(interface = %iface.name, error = %e, "dhcp: cannot prepare the socket; interface not served");
-            return;
-        }
-    };
-    let send_sock = match sock.try_clone() {
-        Ok(s) => s,
-        Err(e) => {
-            error!(interface = %iface.name, error = %e, "dhcp: cannot clone the socket; interface not served");
-            return;
-        }
-    };
+) -> Result<(), String> {
+    let name = iface.name.clone();
+    let fail = |what: &str, e: std::io::Error| format!("interface {name}: {what}: {e}");
+    let sock = sock
+        .into_std()
+        .and_then(|s| {
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(STOP_POLL))?;
+            Ok(s)
+        })
+        .map_err(|e| fail("cannot prepare the socket", e))?;
+    let send_sock = sock
+        .try_clone()
+        .map_err(|e| fail("cannot clone the socket", e))?;
     let queue = Arc::new(DurableQueue::default());
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    // Either thread ending stops the other: a dead sync thread must not
+    // leave the receive thread queueing replies nobody sends.
+    let stop = stop.child_token();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
     let sync_thread = {
         let (server, queue, iface) = (server.clone(), queue.clone(), iface.clone());
+        let stop_on_exit = stop.clone();
         std::thread::Builder::new()
             .name(format!("dhcp-sync-{}", iface.name))
-            .spawn(move || sync_loop(&server, &queue, &send_sock, &iface))
-    };
-    let sync_thread = match sync_thread {
-        Ok(t) => t,
-        Err(e) => {
-            error!(interface = %iface.name, error = %e, "dhcp: cannot start the lease sync thread; interface not served");
-            return;
-        }
+            .spawn(move || {
+                let _stop = stop_on_exit.drop_guard();
+                sync_loop(&server, &queue, &send_sock, &iface)
+            })
+            .map_err(|e| fail("cannot start the lease sync thread", e))?
     };
     let rx_iface = iface.clone();
     let rx_queue = queue.clone();
     let rx = std::thread::Builder::new()
         .name(format!("dhcp-rx-{}", iface.name))
         .spawn(move || {
-            receive_loop(&server, &guard, &rx_iface, &sock, &rx_queue, &stop);
+            let received = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                receive_loop(&server, &guard, &rx_iface, &sock, &rx_queue, &stop)
+            }));
             rx_queue.close();
             // The sync thread sends what is queued, then ends.
-            let _ = sync_thread.join();
-            let _ = done_tx.send(());
+            let synced = sync_thread.join();
+            let _ = done_tx.send(received.is_ok() && synced.is_ok());
         });
     if let Err(e) = rx {
-        error!(interface = %iface.name, error = %e, "dhcp: cannot start the receive thread; interface not served");
         queue.close();
-        return;
+        return Err(fail("cannot start the receive thread", e));
     }
     // Both threads end within STOP_POLL of the token plus the last flush.
-    let _ = done_rx.await;
+    match done_rx.await {
+        Ok(true) => Ok(()),
+        _ => Err(format!(
+            "interface {}: the DHCP receive or lease sync thread panicked",
+            iface.name
+        )),
+    }
 }
 
 /// Replies waiting for a group commit of the lease log.
