@@ -1129,7 +1129,9 @@ impl Bridge {
             }
             let ev_id = ev.id.to_string();
             let vm_id = h.labels.get(LABEL_VM_ID).cloned().unwrap_or_default();
-            let result = if h.labels.get(LABEL_NOTIFY_INTENT) == Some(&ev_id) {
+            // Without the instance id CloudStack cannot be asked: notify
+            // again (at least once) rather than risk never notifying.
+            let result = if h.labels.get(LABEL_NOTIFY_INTENT) == Some(&ev_id) && !vm_id.is_empty() {
                 // A notification of this event may already have been
                 // accepted (by a stint that died before recording it):
                 // CloudStack's instance state tells.
