@@ -736,7 +736,12 @@ pub fn plan(inp: &Inputs) -> Plan {
                 skip(&mut p, format!("hostmac: {e}"));
                 continue;
             }
-            None => match existing {
+            // Only this CloudStack host's own record counts: with two hosts
+            // of one name, the other's record must not lend its MAC (the
+            // name would then change hands on every sync; found by fuzzing).
+            None => match existing.filter(|e| {
+                e.labels.get(LABEL_HOST_ID).map(String::as_str) == Some(cs_host.id.as_str())
+            }) {
                 Some(e) => e.mac,
                 None => {
                     skip(
@@ -1054,6 +1059,35 @@ mod tests {
         assert!(!h4.labels.contains_key(LABEL_VM_ID));
         assert!(p.hosts.iter().all(|h| h.name != "bm-03"));
         assert!(p.deletes.is_empty());
+    }
+
+    /// Fuzzing found it (fuzz/regressions/cloudstack_json/
+    /// duplicate-host-name-without-hostmac-flips): two CloudStack hosts of one
+    /// name, the first without `hostmac`. The second's record must not lend
+    /// the first its MAC on the next sync, or the name changes hands forever.
+    #[test]
+    fn duplicate_host_names_settle_on_one_owner() {
+        let mut inp = fixture();
+        inp.vms.clear();
+        inp.hosts = j(r#"[
+          {"id":"h2","name":"bm-09","hypervisor":"BareMetal","type":"Routing","podid":"p1","podname":"POD0",
+           "zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.12"},
+          {"id":"h3","name":"bm-09","hypervisor":"BareMetal","type":"Routing","podid":"p1","podname":"POD0",
+           "zoneid":"z1","zonename":"Z","ipaddress":"172.16.15.13","details":{"hostmac":"52:54:00:00:00:13"}}]"#);
+        let first = plan(&inp);
+        let owner = |hosts: &[Host]| {
+            hosts
+                .iter()
+                .find(|h| h.name == "bm-09")
+                .and_then(|h| h.labels.get(LABEL_HOST_ID).cloned())
+        };
+        assert_eq!(owner(&first.hosts).as_deref(), Some("h3"));
+        let mut applied = inp.clone();
+        applied.racks = first.racks.clone();
+        applied.profiles = first.profiles.clone();
+        applied.pxe_hosts = first.hosts.clone();
+        let second = plan(&applied);
+        assert!(second.is_noop(), "{second:#?}");
     }
 
     #[test]
