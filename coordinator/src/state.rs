@@ -77,6 +77,20 @@ fn fence_key(writer: &str) -> Vec<u8> {
     format!("s:fence:{writer}").into_bytes()
 }
 
+/// A fenced writer's `epoch` is not below the one it last claimed.
+fn check_epoch(txn: &Txn, writer: &str, epoch: u64) -> Result<(), CoordError> {
+    let current = read_u64(txn.get(&fence_key(writer))?)?;
+    if epoch < current {
+        return Err(StateError::Fenced {
+            writer: writer.to_string(),
+            epoch,
+            current,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 fn peer_key(id: u64) -> Vec<u8> {
     format!("{PEER_PREFIX}{id:020}").into_bytes()
 }
@@ -801,15 +815,7 @@ impl State {
                     epoch,
                     command,
                 } => {
-                    let current = read_u64(txn.get(&fence_key(writer))?)?;
-                    if *epoch < current {
-                        return Err(StateError::Fenced {
-                            writer: writer.clone(),
-                            epoch: *epoch,
-                            current,
-                        }
-                        .into());
-                    }
+                    check_epoch(&txn, writer, *epoch)?;
                     if matches!(
                         **command,
                         Command::Fenced { .. } | Command::ClaimEpoch { .. }
@@ -954,15 +960,7 @@ impl State {
                     stored.extend(eff.records);
                 }
                 Command::ClaimEpoch { writer, epoch } => {
-                    let current = read_u64(txn.get(&fence_key(writer))?)?;
-                    if *epoch < current {
-                        return Err(StateError::Fenced {
-                            writer: writer.clone(),
-                            epoch: *epoch,
-                            current,
-                        }
-                        .into());
-                    }
+                    check_epoch(&txn, writer, *epoch)?;
                     txn.put(fence_key(writer), epoch.to_be_bytes().to_vec());
                 }
                 Command::Fenced { .. } => {

@@ -511,16 +511,7 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
     // The kickstart's provision-done callback, as the rack relay reports it;
     // the first two notifications fail at CloudStack, then it accepts.
     sim.state.lock().unwrap().job_failure = Some((530, "transient".into()));
-    relay
-        .report_boot_events(pb::ReportBootEventsRequest {
-            events: vec![pb::BootEvent {
-                sequence: 1,
-                host_mac: VM_MAC.into(),
-                kind: "provision-done".into(),
-                detail: "GET /baremetal/provisiondone".into(),
-                unix_ms: 1,
-            }],
-        })
+    report_provision_done(&mut relay, 1)
         .await
         .expect("report provision-done");
     let t = Instant::now();
@@ -556,16 +547,7 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
     // A late, repeated callback once it runs: recorded, not sent.
     let attempts = sim.state.lock().unwrap().provision_done.len();
     let before = h.labels["cloudstack.bridge.notified-event"].clone();
-    relay
-        .report_boot_events(pb::ReportBootEventsRequest {
-            events: vec![pb::BootEvent {
-                sequence: 2,
-                host_mac: VM_MAC.into(),
-                kind: "provision-done".into(),
-                detail: "GET /baremetal/provisiondone".into(),
-                unix_ms: 2,
-            }],
-        })
+    report_provision_done(&mut relay, 2)
         .await
         .expect("report a second provision-done");
     let t = Instant::now();
@@ -599,6 +581,25 @@ async fn starting_instance_gets_ipmi_jobs_and_provision_done_notifies_once() {
 
 /// Leases every queued job as the relay and reports it succeeded
 /// (`power-status` answering `status`).
+/// The kickstart's provision-done callback for the instance's MAC, as the
+/// rack relay reports it (event `sequence`).
+async fn report_provision_done(
+    relay: &mut RelayServiceClient<tonic::transport::Channel>,
+    sequence: u64,
+) -> Result<tonic::Response<pb::ReportBootEventsResponse>, tonic::Status> {
+    relay
+        .report_boot_events(pb::ReportBootEventsRequest {
+            events: vec![pb::BootEvent {
+                sequence,
+                host_mac: VM_MAC.into(),
+                kind: "provision-done".into(),
+                detail: "GET /baremetal/provisiondone".into(),
+                unix_ms: sequence,
+            }],
+        })
+        .await
+}
+
 async fn run_jobs(relay: &mut RelayServiceClient<tonic::transport::Channel>, status: &str) {
     // A host's jobs are leased one at a time, in order.
     for _ in 0..10 {
@@ -878,16 +879,7 @@ async fn leader_crash_after_an_accepted_notify_does_not_notify_again() {
         .await
         .unwrap();
     let mut relay = RelayServiceClient::new(ch);
-    relay
-        .report_boot_events(pb::ReportBootEventsRequest {
-            events: vec![pb::BootEvent {
-                sequence: 1,
-                host_mac: VM_MAC.into(),
-                kind: "provision-done".into(),
-                detail: "GET /baremetal/provisiondone".into(),
-                unix_ms: 1,
-            }],
-        })
+    report_provision_done(&mut relay, 1)
         .await
         .expect("report provision-done");
 

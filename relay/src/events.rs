@@ -434,12 +434,12 @@ impl EventLog {
         // stay under their own numbers (split by the gap).
         let (before, after): (Vec<BootEvent>, Vec<BootEvent>) =
             kept.into_iter().partition(|e| e.sequence < from);
-        for part in [before, after, renumbered.clone()] {
+        let moved = renumbered.len();
+        for part in [before, after, renumbered] {
             if let (Some(first), Some(v)) = (part.first(), chunk_value(&part)) {
                 batch.insert(&first.sequence.to_be_bytes(), v);
             }
         }
-        let moved = renumbered.len();
         self.tree.apply_batch(batch)?;
         self.dirty.store(true, Ordering::Release);
         self.update_pending();

@@ -227,6 +227,15 @@ fn managed(h: &Host) -> bool {
     h.labels.contains_key(LABEL_VM_ID) || h.labels.contains_key(LABEL_HOST_ID)
 }
 
+/// Another pxemesh host already holding `mac` (the state machine refuses a
+/// duplicate MAC for the whole batch).
+fn mac_owner<'a>(hosts: &'a [Host], mac: &Mac, name: &str) -> Option<&'a str> {
+    hosts
+        .iter()
+        .find(|e| e.mac == *mac && e.name != name)
+        .map(|e| e.name.as_str())
+}
+
 fn same_host_record(a: &Host, b: &Host) -> bool {
     // The writer fills bmc.password and the state machine stamps meta.
     let strip = |h: &Host| {
@@ -591,7 +600,7 @@ pub fn plan(inp: &Inputs) -> Plan {
             continue;
         }
         if let Some(e) = inp.pxe_hosts.iter().find(|e| e.name == name) {
-            if !e.labels.contains_key(LABEL_VM_ID) && !e.labels.contains_key(LABEL_HOST_ID) {
+            if !managed(e) {
                 skip(
                     &mut p,
                     format!("host name {name} is taken by a record the bridge does not manage"),
@@ -599,15 +608,8 @@ pub fn plan(inp: &Inputs) -> Plan {
                 continue;
             }
         }
-        if let Some(e) = inp
-            .pxe_hosts
-            .iter()
-            .find(|e| e.mac == mac && e.name != name)
-        {
-            skip(
-                &mut p,
-                format!("MAC {mac} belongs to pxemesh host {}", e.name),
-            );
+        if let Some(other) = mac_owner(&inp.pxe_hosts, &mac, &name) {
+            skip(&mut p, format!("MAC {mac} belongs to pxemesh host {other}"));
             continue;
         }
         // What the state machine would refuse for the whole batch.
@@ -756,15 +758,8 @@ pub fn plan(inp: &Inputs) -> Plan {
             skip(&mut p, format!("MAC {mac} is already used by {other}"));
             continue;
         }
-        if let Some(e) = inp
-            .pxe_hosts
-            .iter()
-            .find(|e| e.mac == mac && e.name != name)
-        {
-            skip(
-                &mut p,
-                format!("MAC {mac} belongs to pxemesh host {}", e.name),
-            );
+        if let Some(other) = mac_owner(&inp.pxe_hosts, &mac, &name) {
+            skip(&mut p, format!("MAC {mac} belongs to pxemesh host {other}"));
             continue;
         }
         let bmc = bmc_of(cs_host, m);
